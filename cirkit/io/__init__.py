@@ -1,0 +1,19 @@
+"""Reading and writing the files stages exchange: JSONL, atomic outputs, images, embeddings."""
+
+from cirkit.io.atomic import atomic_dir, atomic_write, atomic_write_json, safe_join
+from cirkit.io.images import IMAGE_EXTENSIONS, list_images, open_image
+from cirkit.io.jsonl import JsonlAppender, read_jsonl, read_records, write_jsonl
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "JsonlAppender",
+    "atomic_dir",
+    "atomic_write",
+    "atomic_write_json",
+    "list_images",
+    "open_image",
+    "read_jsonl",
+    "read_records",
+    "safe_join",
+    "write_jsonl",
+]

@@ -1,0 +1,226 @@
+"""The record formats every stage reads and writes, defined once.
+
+| file                         | record           | written by                 |
+|------------------------------|------------------|----------------------------|
+| ``captions.jsonl``           | :class:`Caption` | ``caption``, ``synth``     |
+| ``triplets.jsonl``           | :class:`Triplet` | ``reformulate``, ``synth`` |
+| ``gallery.jsonl``            | :class:`GalleryItem` | ``synth``, users       |
+| ``queries.jsonl``            | :class:`Query`   | ``synth``, users           |
+| ``results.jsonl``            | :class:`Result`  | ``query``                  |
+| ``<name>.lance`` + manifest  | :class:`EmbeddingManifest` | ``embed``        |
+
+Image paths stored in a JSONL file are resolved relative to the folder of that file
+(absolute paths are kept). Unknown fields are kept in ``extra`` and written back, so a
+user's own metadata survives every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cirkit.errors import RecordError
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+@dataclass
+class Record:
+    """Base: typed fields, validation with file:line, unknown fields kept in ``extra``."""
+
+    kind: ClassVar[str] = "record"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str | Path = "<memory>", line: int | None = None):
+        """Validate ``obj`` against this schema; errors name the file, line and field."""
+        if not isinstance(obj, dict):
+            raise RecordError(path, line, f"expected a JSON object for a {cls.kind} record, got {type(obj).__name__}")
+        hints = typing.get_type_hints(cls)
+        values, extra = {}, {}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        for key, value in obj.items():
+            if key in fields:
+                values[key] = value
+            else:
+                extra[key] = value
+        for name, f in fields.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if name not in values:
+                if required:
+                    raise RecordError(path, line, f"missing (a {cls.kind} record needs {', '.join(cls.required())})", name)
+                continue
+            if not _type_ok(values[name], hints[name]):
+                raise RecordError(
+                    path, line, f"expected {_type_name(hints[name])}, got {type(values[name]).__name__} {values[name]!r:.60}", name
+                )
+        rec = cls(**values, extra=extra)
+        rec.validate(path, line)
+        return rec
+
+    @classmethod
+    def required(cls) -> list[str]:
+        return [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name != "extra" and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+
+    def validate(self, path: str | Path, line: int | None) -> None:
+        """Checks beyond types; subclasses raise :class:`RecordError`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if v is not None or k in self.required()}
+        out.update(self.extra)
+        return out
+
+    @property
+    def key(self) -> str:
+        """The value that identifies this record for resume/dedup."""
+        return self.id  # type: ignore[attr-defined]
+
+
+def _nonempty(rec: Record, name: str, path, line) -> None:
+    if not str(getattr(rec, name)).strip():
+        raise RecordError(path, line, "must not be empty", name)
+
+
+@dataclass
+class Caption(Record):
+    """One line of ``captions.jsonl``: an image and its description."""
+
+    kind: ClassVar[str] = "caption"
+    id: str
+    image: str
+    caption: str
+    model: str = "unknown"
+    prompt: str | None = None
+    settings: dict | None = None
+    group: str | None = None
+
+    def validate(self, path, line):
+        _nonempty(self, "id", path, line)
+        _nonempty(self, "image", path, line)
+
+
+@dataclass
+class Triplet(Record):
+    """One line of ``triplets.jsonl``: (reference image, instruction) -> target image."""
+
+    kind: ClassVar[str] = "triplet"
+    id: str
+    reference: str
+    instruction: str
+    target: str
+    reference_caption: str | None = None
+    target_caption: str | None = None
+    source: str = "unknown"
+    generator: dict | None = None
+
+    def validate(self, path, line):
+        for name in ("id", "reference", "target", "instruction"):
+            _nonempty(self, name, path, line)
+
+
+@dataclass
+class GalleryItem(Record):
+    """One line of ``gallery.jsonl`` in the generic benchmark format."""
+
+    kind: ClassVar[str] = "gallery"
+    id: str
+    image: str
+
+    def validate(self, path, line):
+        _nonempty(self, "id", path, line)
+        _nonempty(self, "image", path, line)
+
+
+@dataclass
+class Query(Record):
+    """One line of ``queries.jsonl``: a composed query and its ground-truth gallery ids.
+
+    ``reference`` is an image path (or None for a text-only query), ``text`` the
+    modification (or None for an image-only query). ``candidates`` restricts the ranking
+    to a per-query gallery (GeneCIS); ``subset`` is a group for Recall_subset (CIRR).
+    """
+
+    kind: ClassVar[str] = "query"
+    id: str
+    reference: str | None = None
+    text: str | None = None
+    targets: list[str] = field(default_factory=list)
+    reference_id: str | None = None
+    candidates: list[str] | None = None
+    subset: list[str] | None = None
+
+    def validate(self, path, line):
+        _nonempty(self, "id", path, line)
+        if self.reference is None and not (self.text or "").strip():
+            raise RecordError(path, line, "a query needs a reference image, a text, or both", "text")
+
+
+@dataclass
+class Result(Record):
+    """One line of ``results.jsonl``: the ranked answer to one query."""
+
+    kind: ClassVar[str] = "result"
+    id: str
+    hits: list[dict]
+    reference: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class EmbeddingManifest(Record):
+    """What produced the vectors in an embeddings store or index (stored beside them)."""
+
+    kind: ClassVar[str] = "manifest"
+    backbone: str
+    checkpoint: str
+    dim: int
+    normalized: bool = True
+    mode: str = "image"
+    count: int | None = None
+    dtype: str = "float32"
+
+    def fingerprint(self) -> tuple[str, str, int]:
+        """The fields that must match between an index and the model that queries it."""
+        return (self.backbone, self.checkpoint, self.dim)
+
+
+def resolve_path(value: str, base_dir: str | Path) -> Path:
+    """Resolve an image path from a JSONL record relative to that file's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    c.kind: c for c in (Caption, Triplet, GalleryItem, Query, Result, EmbeddingManifest)
+}

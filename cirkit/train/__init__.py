@@ -1,0 +1,1 @@
+"""Training: one generic loop (accelerate) and a plugin per trainable backbone."""

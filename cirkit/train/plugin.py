@@ -1,0 +1,118 @@
+"""The contract between the generic training loop and a trainable backbone.
+
+The loop (:mod:`cirkit.train.loop`) owns accelerate, optimiser, scheduler, progress,
+the metrics log, atomic checkpoint saves and exact resume. A plugin owns the model:
+how to build it, what a batch is, the loss, per-step hooks (EMA), and how its weights
+are written into a checkpoint folder that ``load_backbone`` can read back.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILES = ("config.json", "train_args.json")  # plus model.safetensors or adapter files
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; recipes set these by name (kebab- or snake-case)."""
+
+    # what and where
+    backbone: str = "vit"                 # vit | mllm
+    stage: str = "2"                      # 1 | 2 | combiner
+    data: Path | None = None              # captions.jsonl (stage 1) or triplets.jsonl (stage 2/combiner)
+    output: Path = Path("runs/model")     # checkpoint folder
+    init: str | None = None               # checkpoint folder to start from (e.g. the stage-1 output)
+    model: str = "cirkit-small"           # open_clip name (vit) or hub id / path (mllm)
+    pretrained: str | None = None         # open_clip tag or weights file (vit)
+    resume: bool = False                  # continue output/trainer_state exactly
+    # optimisation
+    max_steps: int = 1000
+    epochs: int | None = None             # if set, overrides max_steps
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    scheduler: str = "cosine"             # cosine | linear | constant
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"               # auto | fp32 | bf16 | fp16
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    save_every: int = 200
+    temperature: float = 0.07             # InfoNCE temperature (learned if learn_temperature)
+    learn_temperature: bool = True
+    # vit backbone
+    cross_attn: bool = True
+    cross_attn_layers: list[int] | None = None   # None = every block
+    ema: bool = True
+    ema_momentum: float = 0.995
+    predictor_hidden: int | None = None           # None = 2 x embed dim
+    train_text_encoder: bool = True
+    # mllm backbone
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None = the LLM's attention/MLP projections
+    full_finetune: bool = False
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = False
+    target_image_loss: bool = False               # stage 2: also contrast against target images
+    max_length: int = 128
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainPlugin(abc.ABC):
+    """One trainable backbone family, as seen by the training loop."""
+
+    name: str = "base"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @abc.abstractmethod
+    def build(self) -> torch.nn.Module:
+        """Create the model: from ``config.init`` if set, else fresh/pretrained from ``config.model``."""
+
+    @abc.abstractmethod
+    def dataset(self) -> tuple[torch.utils.data.Dataset, Callable[[list[Any]], Any]]:
+        """The training examples for ``config.stage`` read from ``config.data``, and their collate fn."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one batch and scalar logs (e.g. accuracy, temperature)."""
+
+    def parameters(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (default: trainable params, no decay on norms/biases)."""
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in n or "bias" in n else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """Hook after each optimiser step (EMA update)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Extra tensors to checkpoint for exact resume (e.g. the EMA target encoder)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @abc.abstractmethod
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write the model files + ``config.json`` (with ``{"cirkit": version, "backbone": name}``)."""
