@@ -28,7 +28,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS):
         raise ImageError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # We check the size ourselves right after the header is read, with a clearer message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
@@ -38,8 +39,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS):
                 return _to_rgb(im)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, f"decompression bomb refused ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"exceeds the {max_pixels}-pixel limit, refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image PIL can identify") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -66,6 +66,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     target_image_loss: bool = False               # stage 2: also contrast against target images
     max_length: int = 128
+    merge: bool = False                           # also export merged LoRA weights (model.safetensors)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

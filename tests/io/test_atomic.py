@@ -1,0 +1,42 @@
+"""Whole-file outputs never appear half-written; output paths cannot escape their folder."""
+
+import pytest
+
+from cirkit.errors import CirkitError
+from cirkit.io.atomic import atomic_dir, atomic_write, atomic_write_json, safe_join
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "m.json"
+    atomic_write_json(p, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(p) as fh:
+            fh.write("{half")
+            raise RuntimeError("boom")
+    assert p.read_text().strip().startswith("{") and '"a": 1' in p.read_text()
+    assert [x.name for x in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_atomic_dir_swaps_whole_folder(tmp_path):
+    out = tmp_path / "ckpt"
+    with atomic_dir(out) as d:
+        (d / "a.txt").write_text("1")
+    with pytest.raises(ValueError):
+        with atomic_dir(out) as d:
+            (d / "a.txt").write_text("2")
+            raise ValueError
+    assert (out / "a.txt").read_text() == "1"
+    with atomic_dir(out) as d:
+        (d / "b.txt").write_text("3")
+    assert sorted(x.name for x in out.iterdir()) == ["b.txt"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("bad", ["../x.png", "/etc/passwd", "a/../../x"])
+def test_safe_join_refuses_escapes(tmp_path, bad):
+    with pytest.raises(CirkitError, match="escapes the output folder"):
+        safe_join(tmp_path, bad)
+
+
+def test_safe_join_allows_subpaths(tmp_path):
+    assert safe_join(tmp_path, "a/b.png") == (tmp_path / "a" / "b.png").resolve()
