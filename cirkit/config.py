@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,8 +58,10 @@ def resolve(cls: type[C], recipe: str | Path | None = None, flags: dict[str, Any
 
 def _coerce(value: Any, tp: Any, name: str, source: Any) -> Any:
     """Turn YAML/CLI values into the field's type where it is unambiguous (paths, tuples)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if tp is not None else []
-    base = args[0] if len(args) == 1 else tp
+    base = tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] -> X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if len(args) == 1 else tp
     if value is None:
         return None
     if base is Path:

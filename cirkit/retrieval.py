@@ -1,8 +1,10 @@
 """Exact top-k retrieval by chunked matrix products on torch (used by evaluate, index, query).
 
-Scores are dot products of L2-normalised vectors (cosine). Ties are broken by gallery
-position (lower index first) so rankings are deterministic across chunk sizes and
-thread counts.
+Scores are dot products of L2-normalised vectors (cosine). Equal scores are broken by
+gallery position (lower index first), whatever the chunk sizes. Note that BLAS may round
+the same dot product differently in the last bit for different batch shapes (a single
+query uses a matrix-vector kernel), so two duplicate gallery images are an exact tie only
+when their scores come out bit-identical.
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ def topk(
                     if ex:
                         sims[r, ex] = float("-inf")
             kk = min(k, sims.shape[1])
-            val, idx = torch.topk(sims, kk, dim=1, sorted=True)
+            if kk < sims.shape[1]:
+                # One extra item tells whether the k-th score is tied with an item left out.
+                val, idx = torch.topk(sims, kk + 1, dim=1, sorted=True)
+                _fix_boundary_ties(sims, val, idx)
+                val, idx = val[:, :kk], idx[:, :kk]
+            else:
+                val, idx = torch.topk(sims, kk, dim=1, sorted=True)
             idx = idx + gs
             if best_val is None:
                 best_val, best_idx = val, idx
@@ -65,6 +73,20 @@ def topk(
         out_val[s : s + chunk_size] = best_val
         out_idx[s : s + chunk_size] = torch.gather(best_idx, 1, order)
     return out_idx, out_val
+
+
+def _fix_boundary_ties(sims: torch.Tensor, val: torch.Tensor, idx: torch.Tensor) -> None:
+    """torch.topk picks any of the items tied at the k-th score; keep the lowest indices instead.
+
+    ``val``/``idx`` hold the top k+1; a row needs fixing only when its k-th and (k+1)-th
+    scores are equal (rare with real embeddings), and is then re-ranked by a stable sort.
+    """
+    k = val.shape[1] - 1
+    rows = (val[:, k - 1] == val[:, k]).nonzero().flatten()
+    for r in rows.tolist():
+        order = torch.argsort(sims[r], descending=True, stable=True)[: k + 1]
+        idx[r] = order
+        val[r] = sims[r, order]
 
 
 def _stable_topk(val: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,3 +42,16 @@ def test_wrong_type_is_named(tmp_path):
 def test_missing_recipe(tmp_path):
     with pytest.raises(CirkitError, match="recipe not found"):
         resolve(Cfg, tmp_path / "none.yaml")
+
+
+@dataclass
+class ListCfg:
+    modes: list[str] | None = None
+    layers: list[int] = None  # type: ignore[assignment]
+
+
+def test_list_settings_pass_through(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("modes: [image, text]\nlayers: [0, 2]\n")
+    c = resolve(ListCfg, r)
+    assert c.modes == ["image", "text"] and c.layers == [0, 2]

@@ -1,0 +1,80 @@
+"""Test-server files: the official examples validate, and ours round-trip to the same shape."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cirkit.submission import (
+    circo_submission,
+    cirr_submission,
+    validate_circo_submission,
+    validate_cirr_submission,
+    write_circo_submission,
+    write_cirr_submission,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"benchmark fixtures not found at {FIXTURES}")
+
+    def load(rel):
+        return json.loads((FIXTURES / rel).read_text(encoding="utf-8"))
+
+    return load
+
+
+@pytest.mark.parametrize("metric", ["recall", "recall_subset"])
+def test_cirr_official_demo_round_trips(fx, tmp_path, metric):
+    demo = fx(f"cirr/demo_files/test1_pred_ranks_{metric}.json")
+    pairids = [str(r["pairid"]) for r in fx("cirr/captions/cap.rc2.test1.json")]
+    assert validate_cirr_submission(demo, metric, pairids=pairids) == []
+    ranked = {k: v for k, v in demo.items() if k not in ("version", "metric")}
+    ours = cirr_submission(ranked, metric)
+    assert ours == demo
+    full = {k: v for k, v in fx("cirr/demo_files/test1_pred_ranks_recall.json").items() if k.isdigit()}
+    subset = {k: v for k, v in fx("cirr/demo_files/test1_pred_ranks_recall_subset.json").items() if k.isdigit()}
+    paths = write_cirr_submission(tmp_path, "test1", full, subset)
+    assert [p.name for p in paths] == ["test1_pred_ranks_recall.json", "test1_pred_ranks_recall_subset.json"]
+    back = json.loads(paths[0 if metric == "recall" else 1].read_text())
+    assert back.keys() == demo.keys()
+    assert back["version"] == demo["version"] == "rc2" and back["metric"] == demo["metric"] == metric
+    for k in pairids:
+        assert len(back[k]) == len(demo[k]) == (50 if metric == "recall" else 3)
+        assert all(isinstance(x, str) for x in back[k])
+
+
+def test_cirr_validator_catches_mistakes(fx):
+    demo = fx("cirr/demo_files/test1_pred_ranks_recall.json")
+    assert validate_cirr_submission({**demo, "version": "rc1"})
+    assert validate_cirr_submission({**demo, "metric": "recall_subset"}, "recall")
+    first = next(k for k in demo if k.isdigit())
+    assert validate_cirr_submission({**demo, first: demo[first][:10]})
+    assert validate_cirr_submission({**demo, first: [1] * 50})
+    assert validate_cirr_submission(demo, pairids=[*list(demo)[2:], "99999999"])
+    assert cirr_submission({"1": [f"n{i}" for i in range(80)]}, "recall")["1"] == [f"n{i}" for i in range(50)]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_circo_official_example_round_trips(fx, tmp_path, split):
+    example = fx(f"circo/submission_examples/submission_{split}.json")
+    n = len(fx(f"circo/annotations/{split}.json"))
+    assert validate_circo_submission(example, num_queries=n) == []
+    ranked = {k: [str(x) for x in v] for k, v in example.items()}  # cirkit ids are strings
+    assert circo_submission(ranked) == example
+    path = write_circo_submission(tmp_path / "sub.json", dict(reversed(list(ranked.items()))))
+    back = json.loads(path.read_text())
+    assert list(back) == list(example)
+    assert all(len(v) == 50 and all(type(x) is int for x in v) for v in back.values())
+
+
+def test_circo_validator_catches_mistakes(fx):
+    ex = fx("circo/submission_examples/submission_val.json")
+    assert validate_circo_submission({k: v for k, v in ex.items() if k != "3"})  # ids not 0..N-1
+    assert validate_circo_submission({**ex, "0": ex["0"][:49]})
+    assert validate_circo_submission({**ex, "0": [str(x) for x in ex["0"]]})
+    assert validate_circo_submission(ex, num_queries=220)
