@@ -1,0 +1,458 @@
+"""The InstructCIR ViT backbone: an open_clip CLIP whose vision blocks cross-attend to the instruction.
+
+Model (``VitCir``), following "Scaling Prompt Instructed Zero Shot CIR with Image-Only Data":
+
+* every selected vision transformer block gets a cross-attention layer right after its
+  self-attention: image tokens are the queries, the instruction's final-layer token
+  features from the CLIP text encoder (after ``ln_final``, padding masked) are keys and
+  values; same head count as the block; Xavier init; pre-LayerNorm + residual like the
+  block's own. The residual is gated by ``tanh(g)`` with ``g`` initialised to 0 (as in
+  Flamingo), so a pretrained CLIP starts exactly unchanged and the image-only path of a
+  stage-1 model equals plain CLIP;
+* a predictor MLP on ``[pooled image embedding; text embedding]`` (both L2-normalised)
+  gives the reformulated query embedding. It is residual on the image embedding with a
+  zero-initialised last layer, so training starts from the image embedding instead of
+  from a random projection;
+* target (gallery) images go through the same network with the null text, the token
+  sequence of the empty string;
+* a combiner (eq. 3) fuses the reformulated embedding with the pure text embedding by a
+  learned per-query weight ``w = sigmoid(a . [q; t] + b)`` (initialised near 1, i.e.
+  "trust the reformulation"), trained in ``--stage combiner`` with everything else frozen.
+
+A checkpoint folder holds ``model.safetensors`` with the online (query) encoder and, when
+trained with EMA, the momentum target encoder under the ``ema.`` prefix; gallery images
+are embedded with the target encoder, which is what the queries were trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cirkit.backbones.base import Backbone, BackboneSpec, normalize, pick_device
+from cirkit.errors import CheckpointError, CirkitError
+
+log = logging.getLogger("cirkit")
+
+WEIGHTS = "model.safetensors"
+EMA_PREFIX = "ema."
+NULL_TEXT = ""
+# What config.json records about the architecture (everything else there is provenance).
+SETTING_KEYS = ("model", "pretrained", "embed_dim", "cross_attn", "cross_attn_layers", "predictor_hidden",
+                "temperature", "gate_init", "null_text", "combiner_trained")
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to text tokens; gated pre-norm residual (gate 0 = identity)."""
+
+    def __init__(self, width: int, text_width: int, heads: int, gate_init: float = 0.0):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_kv = nn.LayerNorm(text_width)
+        self.attn = nn.MultiheadAttention(width, heads, kdim=text_width, vdim=text_width, batch_first=True)
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        for p in self.attn.parameters():
+            if p.ndim >= 2:
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None) -> torch.Tensor:
+        kv = self.ln_kv(kv)
+        out = self.attn(self.ln_q(x), kv, kv, key_padding_mask=kv_pad, need_weights=False)[0]
+        return x + torch.tanh(self.gate).to(out.dtype) * out
+
+
+class Predictor(nn.Module):
+    """Reformulated query = image + MLP([image; text]) on normalised inputs (zero-init output)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.xavier_uniform_(self.fc1.weight)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        i, t = normalize_keep(image), normalize_keep(text)
+        return i + self.fc2(self.act(self.fc1(torch.cat([i, t], dim=-1))))
+
+
+class Combiner(nn.Module):
+    """Eq. 3: ``w q + (1 - w) t`` with a learned per-query weight ``w`` in (0, 1)."""
+
+    def __init__(self, dim: int, bias_init: float = 2.0):
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, bias_init)
+
+    def forward(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        q, t = normalize_keep(q), normalize_keep(t)
+        w = torch.sigmoid(self.gate(torch.cat([q, t], dim=-1)))
+        return w * q + (1 - w) * t
+
+
+def normalize_keep(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise in the input dtype (``normalize`` in base casts to float32)."""
+    return nn.functional.normalize(x, dim=-1)
+
+
+class VitCir(nn.Module):
+    """CLIP + per-block cross-attention + predictor + combiner; see module docstring.
+
+    ``forward(task, ...)`` dispatches so that a DDP-wrapped model is always called through
+    its ``forward`` (DDP only syncs gradients of computations that went through it).
+    """
+
+    def __init__(self, clip: nn.Module, settings: dict[str, Any], null_tokens: torch.Tensor):
+        super().__init__()
+        self.clip = clip
+        self.settings = dict(settings)
+        visual = clip.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "_embeds"):
+            raise CirkitError(
+                f"open_clip model {settings.get('model')!r} has no ViT image tower; the vit backbone needs a ViT"
+            )
+        if hasattr(clip, "text") and not hasattr(clip.text, "_embeds"):
+            raise CirkitError(f"open_clip model {settings.get('model')!r}: only open_clip's own text transformer is supported")
+        blocks = visual.transformer.resblocks
+        width = visual.transformer.width
+        heads = _heads(blocks[0])
+        text_width = self._text_width()
+        embed_dim = int(settings["embed_dim"])
+        layers = settings.get("cross_attn_layers")
+        if layers is None:
+            layers = list(range(len(blocks)))
+        layers = sorted({(i + len(blocks)) if i < 0 else i for i in layers})
+        if any(i < 0 or i >= len(blocks) for i in layers):
+            raise CirkitError(f"cross_attn_layers {settings.get('cross_attn_layers')} out of range for {len(blocks)} blocks")
+        self.settings["cross_attn_layers"] = layers if settings.get("cross_attn", True) else []
+        self.xattn = nn.ModuleDict(
+            {str(i): CrossAttention(width, text_width, heads, settings.get("gate_init", 0.0)) for i in self.settings["cross_attn_layers"]}
+        )
+        hidden = settings.get("predictor_hidden") or 2 * embed_dim
+        self.settings["predictor_hidden"] = hidden
+        self.predictor = Predictor(embed_dim, hidden)
+        self.combiner = Combiner(embed_dim)
+        tau = float(settings.get("temperature", 0.07))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
+        self.register_buffer("null_tokens", null_tokens.reshape(1, -1).long(), persistent=False)
+        # open_clip's own logit_scale/bias are unused: cirkit keeps one temperature here.
+        for name in ("logit_scale", "logit_bias"):
+            p = getattr(clip, name, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(False)
+
+    # -- text ---------------------------------------------------------------------------
+    def _text_width(self) -> int:
+        c = self.clip
+        t = c.text if hasattr(c, "text") else c
+        return int(t.transformer.width)
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens -> (pooled embedding, final-layer token features, key padding mask True=pad)."""
+        from open_clip.transformer import text_global_pool
+
+        c = self.clip
+        if hasattr(c, "text"):  # CustomTextCLIP
+            t = c.text
+            x, attn_mask = t._embeds(tokens)
+            x = t.transformer(x, attn_mask=attn_mask)
+            if t.cls_emb is not None:
+                pooled, x = t.ln_final(x[:, -1]), x[:, :-1]
+            else:
+                x = t.ln_final(x)
+                pooled = text_global_pool(x, tokens, t.pool_type, eos_token_id=getattr(t, "eos_id", None))
+            proj, pool_type = t.text_projection, t.pool_type
+        else:
+            cast = c.transformer.get_cast_dtype()
+            x = c.token_embedding(tokens).to(cast) + c.positional_embedding.to(cast)
+            x = c.transformer(x, attn_mask=c.attn_mask)
+            x = c.ln_final(x)
+            pooled = text_global_pool(x, tokens, c.text_pool_type, eos_token_id=getattr(c, "text_eos_id", None))
+            proj, pool_type = c.text_projection, c.text_pool_type
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        if pool_type == "argmax":  # CLIP BPE: EOT has the largest id; keys up to and including it
+            pad = pos[None, :] > tokens.argmax(dim=-1, keepdim=True)
+        else:
+            pad = tokens == 0
+            pad[:, 0] = False  # never mask every key
+        return pooled, x, pad
+
+    # -- image --------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, kv: torch.Tensor | None = None,
+                     kv_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled, projected image embedding; with ``kv`` the selected blocks cross-attend to it."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        v = self.clip.visual
+        x = v._embeds(images)
+        tr = v.transformer
+        if not tr.batch_first:
+            x = x.transpose(0, 1)
+        use_x = kv is not None and len(self.xattn) > 0
+        for i, blk in enumerate(tr.resblocks):
+            xa = self.xattn[str(i)] if use_x and str(i) in self.xattn else None
+            if xa is None:
+                x = blk(x) if tr.batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+            elif isinstance(blk, ResidualAttentionBlock) and tr.batch_first:
+                x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
+                x = xa(x, kv.to(x.dtype), kv_pad)
+                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            else:  # other block types: cross-attend after the whole block
+                x = blk(x) if tr.batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+                x = xa(x, kv.to(x.dtype), kv_pad)
+        pooled, _ = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return pooled
+
+    # -- the model's outputs --------------------------------------------------------------
+    def query(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Reformulated query embedding (unnormalised) for reference images + instructions."""
+        t, feats, pad = self.encode_text(tokens)
+        img = self.encode_image(images, feats, pad)
+        return self.predictor(img, t)
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """Gallery/target side: the same network with the null text."""
+        null = self.null_tokens.expand(images.shape[0], -1)
+        return self.query(images, null)
+
+    def text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(tokens)[0]
+
+    def compose(self, images: torch.Tensor, tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Combiner output; ``frozen`` computes the backbone without autograd (combiner stage)."""
+        with torch.no_grad() if frozen else _nullcontext():
+            t, feats, pad = self.encode_text(tokens)
+            q = self.predictor(self.encode_image(images, feats, pad), t)
+        return self.combiner(q, t)
+
+    def forward(self, task: str, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):
+        if task == "clip":  # stage 1: plain CLIP image and text embeddings
+            return self.encode_image(images), self.text(tokens)
+        if task == "query":
+            return self.query(images, tokens)
+        if task == "pair":  # query and target through the same (shared) weights
+            return self.query(images, tokens), self.target(targets)
+        if task == "target":
+            return self.target(images)
+        if task == "compose":
+            return self.compose(images, tokens, frozen=True)
+        raise ValueError(f"unknown task {task!r}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _heads(block: nn.Module) -> int:
+    attn = getattr(block, "attn", None)
+    n = getattr(attn, "num_heads", None)
+    if n is None:
+        raise CirkitError("cannot find the head count of the ViT blocks")
+    return int(n)
+
+
+# -- building and loading ------------------------------------------------------------------
+def settings_from_config(config) -> dict[str, Any]:
+    """The model settings a TrainConfig implies (everything VitCir needs besides weights)."""
+    return {
+        "model": config.model,
+        "cross_attn": bool(config.cross_attn),
+        "cross_attn_layers": list(config.cross_attn_layers) if config.cross_attn_layers is not None else None,
+        "predictor_hidden": config.predictor_hidden,
+        "temperature": float(config.temperature),
+        "gate_init": float(config.extra.get("gate_init", 0.0)) if config.extra else 0.0,
+        "null_text": NULL_TEXT,
+    }
+
+
+def build_model(settings: dict[str, Any], pretrained: str | None = None, allow_pickle: bool = False):
+    """Create (VitCir, preprocess, tokenizer) from settings; CLIP weights from ``pretrained`` if given."""
+    from cirkit.backbones._openclip import create_clip
+
+    clip, preprocess, tokenizer = create_clip(settings["model"], pretrained, allow_pickle=allow_pickle)
+    settings = {k: v for k, v in settings.items() if k in SETTING_KEYS}
+    settings["embed_dim"] = _embed_dim(clip)
+    null = tokenizer([settings.get("null_text", NULL_TEXT)])
+    model = VitCir(clip, settings, null)
+    return model, preprocess, tokenizer
+
+
+def _embed_dim(clip) -> int:
+    v = clip.visual
+    if getattr(v, "proj", None) is not None:
+        return int(v.proj.shape[1])
+    return int(v.output_dim)
+
+
+def checkpoint_config(model: VitCir, **extra: Any) -> dict[str, Any]:
+    """``config.json`` contents for a vit checkpoint folder."""
+    import uuid
+
+    import open_clip
+
+    from cirkit import __version__
+
+    return {
+        "cirkit": __version__,
+        "backbone": "vit",
+        **{k: v for k, v in model.settings.items()},
+        "open_clip": open_clip.__version__,
+        "open_clip_config": open_clip.get_model_config(model.settings["model"]),
+        "weights": WEIGHTS,
+        "weights_id": uuid.uuid4().hex[:12],
+        **extra,
+    }
+
+
+def save_checkpoint(model: VitCir, folder: Path, ema: VitCir | None = None, **extra: Any) -> None:
+    """Write ``model.safetensors`` (+ ``ema.*`` target encoder) and ``config.json`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    from cirkit.io import atomic_write_json
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if ema is not None:
+        state.update({EMA_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()})
+    save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "backbone": "vit"})
+    atomic_write_json(Path(folder) / "config.json", checkpoint_config(model, has_ema=ema is not None, **extra))
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(config, query-encoder state, ema state or None) from a vit checkpoint folder (safetensors only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: not a cirkit checkpoint (no config.json)")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("backbone") != "vit":
+        raise CheckpointError(f"{folder}: a {cfg.get('backbone')} checkpoint, not vit")
+    weights = folder / cfg.get("weights", WEIGHTS)
+    if not weights.exists():
+        raise CheckpointError(f"{folder}: missing {weights.name}; the checkpoint is incomplete")
+    state = load_file(str(weights))
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)} or None
+    online = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    return cfg, online, ema
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not match the model ({len(missing)} missing e.g. {missing[:2]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:2]})"
+        )
+
+
+def load_model(folder: str | Path) -> tuple[VitCir, VitCir | None, Any, Any, dict[str, Any]]:
+    """(query encoder, target encoder or None, preprocess, tokenizer, config) from a folder."""
+    cfg, online, ema_state = read_checkpoint(folder)
+    model, preprocess, tokenizer = build_model(cfg)
+    load_weights(model, online, str(folder))
+    ema = None
+    if ema_state is not None:
+        import copy
+
+        ema = copy.deepcopy(model)
+        load_weights(ema, ema_state, f"{folder} (ema)")
+        ema.requires_grad_(False)
+    return model, ema, preprocess, tokenizer, cfg
+
+
+# -- the Backbone ---------------------------------------------------------------------------
+class VitBackbone(Backbone):
+    """Embeds with a trained (or fresh) VitCir; gallery side = the EMA target encoder if present."""
+
+    name = "vit"
+
+    def __init__(self, spec: BackboneSpec, model: VitCir, target: VitCir | None, preprocess, tokenizer,
+                 config: dict[str, Any]):
+        super().__init__(spec)
+        self.device = pick_device(spec.device)
+        self.dtype = _dtype(spec.precision, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.target_model = target.to(self.device, self.dtype).eval() if target is not None else self.model
+        self.preprocess, self.tokenizer, self.config = preprocess, tokenizer, config
+        self.dim = int(model.settings["embed_dim"])
+        self.use_combiner = bool(config.get("combiner_trained", False))
+
+    def image_transform(self):
+        return self.preprocess
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer([t or "" for t in texts]).to(self.device)
+
+    def _images(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device, self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def embed_images(self, batch):
+        return normalize(self.target_model.target(self._images(batch))).cpu()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts):
+        return normalize(self.model.text(self._tokens(list(texts)))).cpu()
+
+    @torch.inference_mode()
+    def embed_composed(self, batch, texts):
+        images, tokens = self._images(batch), self._tokens(list(texts))
+        if self.use_combiner:
+            return normalize(self.model.compose(images, tokens)).cpu()
+        return normalize(self.model.query(images, tokens)).cpu()
+
+    def checkpoint_id(self) -> str:
+        wid = self.config.get("weights_id")
+        if wid:
+            return f"{Path(str(self.spec.model)).name}@{wid}"
+        return super().checkpoint_id()
+
+
+def _dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp16", "float16"):
+        return torch.float16
+    if precision in (None, "auto") and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_vit_backbone(spec: BackboneSpec) -> VitBackbone:
+    """A VitBackbone from a checkpoint folder, or an untrained one from an open_clip name + weights."""
+    from cirkit.backbones import checkpoint_config as read_cfg
+
+    if spec.model and read_cfg(spec.model) is not None:
+        model, ema, preprocess, tokenizer, cfg = load_model(spec.model)
+        return VitBackbone(spec, model, ema, preprocess, tokenizer, cfg)
+    if spec.model and Path(spec.model).is_dir():
+        raise CheckpointError(f"{spec.model}: a folder without config.json is not a cirkit checkpoint")
+    settings = {"model": spec.model or "cirkit-small", "cross_attn": True, "cross_attn_layers": None,
+                "predictor_hidden": None, "temperature": 0.07, "null_text": NULL_TEXT}
+    log.warning("vit backbone from %s without a cirkit checkpoint: cross-attention and predictor are untrained "
+                "(composed queries equal image queries)", settings["model"])
+    model, preprocess, tokenizer = build_model(settings, spec.pretrained, allow_pickle=spec.allow_pickle)
+    return VitBackbone(spec, model, None, preprocess, tokenizer, {"model": settings["model"]})

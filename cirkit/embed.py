@@ -1,0 +1,106 @@
+"""``embed``: gallery images -> a resumable Lance embeddings store, through any backbone.
+
+Images are decoded and transformed in DataLoader workers (:func:`cirkit.encode.iter_image_batches`),
+embedded under ``torch.inference_mode`` and appended batch by batch to
+:class:`cirkit.io.embeddings.EmbeddingStore`, so a killed run keeps every finished batch
+and a re-run embeds only the ids not stored yet. Unreadable images are skipped and
+counted (``strict`` makes the first one fatal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cirkit.errors import CirkitError
+from cirkit.summary import StageResult, timed
+
+
+@dataclass
+class EmbedConfig:
+    """Settings of ``cirkit embed`` (recipe section ``embed``)."""
+
+    input: Path | None = None          # a folder of images or a gallery.jsonl
+    output: Path | None = None         # <name>.lance
+    backbone: str | None = None        # clip, vit, mllm, fake (a checkpoint folder names its own)
+    model: str | None = None           # checkpoint folder, open_clip name, hub id
+    pretrained: str | None = None
+    batch_size: int = 64
+    num_workers: int | None = None     # default: cirkit.encode.default_workers()
+    device: str | None = None
+    precision: str | None = None
+    strict: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def gallery_items(source: str | Path) -> list[tuple[str, Path]]:
+    """``(id, image path)`` from a folder of images or a gallery.jsonl (paths relative to it)."""
+    from cirkit.io import list_images, read_records
+    from cirkit.records import GalleryItem, resolve_path
+
+    source = Path(source)
+    if source.is_dir():
+        return [(key, p.resolve()) for key, p in list_images(source)]
+    if source.suffix == ".jsonl" or str(source) == "-":
+        base = source.parent if str(source) != "-" else Path.cwd()
+        return [(r.id, resolve_path(r.image, base).resolve()) for r in read_records(source, GalleryItem)]
+    if not source.exists():
+        raise CirkitError(f"{source}: no such folder or file")
+    raise CirkitError(f"{source}: expected a folder of images or a gallery.jsonl")
+
+
+def run(config: EmbedConfig, backbone=None) -> StageResult:
+    """Embed the gallery into ``config.output``; ``backbone`` overrides loading one from the config."""
+    import torch
+
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+    from cirkit.encode import default_workers, iter_image_batches
+    from cirkit.errors import ImageError
+    from cirkit.io.embeddings import EmbeddingStore
+    from cirkit.records import EmbeddingManifest
+    from cirkit.summary import Rate, make_progress
+
+    if config.input is None:
+        raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
+    if config.output is None:
+        raise CirkitError("no output: pass -o gallery.lance")
+    result = StageResult("embed")
+    with timed(result):
+        items = gallery_items(config.input)
+        if backbone is None:
+            backbone = load_backbone(BackboneSpec(
+                backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode="composed",
+                device=config.device, precision=config.precision, trust_remote_code=config.trust_remote_code,
+                allow_pickle=config.allow_pickle,
+            ))
+        info = backbone.manifest()
+        manifest = EmbeddingManifest(backbone=info["backbone"], checkpoint=info["checkpoint"], dim=int(info["dim"]),
+                                     normalized=True, mode="image")
+        store = EmbeddingStore.open_for_append(config.output, manifest)
+        todo = [(k, p) for k, p in items if k not in store.done]
+        result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
+        path_of = dict(todo)
+        workers = default_workers() if config.num_workers is None else config.num_workers
+        rate = Rate("img")
+        with make_progress() as progress, torch.inference_mode():
+            task = progress.add_task("embedding", total=len(todo), rate="")
+            for ids, batch, bad in iter_image_batches(todo, backbone.image_transform(), backbone.collate,
+                                                      config.batch_size, workers):
+                if bad and config.strict:
+                    key, reason = bad[0]
+                    raise ImageError(path_of[key], reason)
+                for key, reason in bad:
+                    result.skip(str(path_of[key]), reason)
+                result.counts["failed"] += len(bad)
+                if ids:
+                    vecs = backbone.embed_images(batch).float().cpu().numpy()
+                    result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+                progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
+        result.outputs = {"embeddings": str(config.output)}
+        result.details = {"manifest": manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers}
+    embedded = result.counts["embedded"]
+    if embedded and result.seconds:
+        result.metrics["images_per_s"] = round(embedded / result.seconds, 2)
+    return result

@@ -1,0 +1,264 @@
+"""Training the vit backbone: stage 1 (image-caption CLIP), stage 2 (triplets, EMA target), combiner.
+
+* stage 1: symmetric CLIP InfoNCE between images and captions; only the CLIP towers and
+  the temperature train (cross-attention and predictor stay at their identity init, so
+  the gallery side of a stage-1 checkpoint is exactly its CLIP image embedding).
+* stage 2 (eq. 2): InfoNCE from the reformulated query (reference + instruction) to the
+  target image embedded with the null text. The target encoder is an EMA copy of the
+  query encoder (``ema_momentum``), updated after every optimiser step and without
+  gradients. ``--no-ema`` ablation: the target goes through the *same* online weights in
+  the same forward pass, with gradients flowing through both sides (a shared-weight
+  siamese encoder); the gallery is then embedded with those same weights.
+* combiner (eq. 3): everything frozen except the combiner's gate; InfoNCE from the fused
+  query to the (frozen) target embeddings. Needs ``--init`` from a stage-2 checkpoint.
+
+Images get the model's deterministic eval transform (no crops/flips/colour jitter): in
+CIR the instruction talks about positions and colours, which augmentations would falsify.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cirkit.errors import CirkitError, ImageError, RecordError
+from cirkit.train.plugin import TrainConfig, TrainPlugin
+
+log = logging.getLogger("cirkit")
+
+STAGES = ("1", "2", "combiner")
+MAX_LOGIT_SCALE = 100.0
+
+
+class _Examples(torch.utils.data.Dataset):
+    """(image paths..., text) rows; images decoded + transformed in workers, bad ones dropped."""
+
+    def __init__(self, rows: list[tuple[list[Path], str]], transform: Callable[[Any], Any]):
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from cirkit.io import open_image
+
+        paths, text = self.rows[i]
+        try:
+            return [self.transform(open_image(p)) for p in paths], text
+        except ImageError as e:
+            log.warning("skipping training example %d: %s", i, e)
+            return None
+
+
+class _Collate:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        items = [x for x in items if x is not None]
+        if not items:
+            return None
+        n_img = len(items[0][0])
+        images = [torch.stack([x[0][k] for x in items]) for k in range(n_img)]
+        tokens = self.tokenizer([x[1] for x in items])
+        return {"images": images[0], "targets": images[1] if n_img > 1 else None, "tokens": tokens}
+
+
+class VitTrainPlugin(TrainPlugin):
+    """The vit backbone as seen by :mod:`cirkit.train.loop`."""
+
+    name = "vit"
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        if str(config.stage) not in STAGES:
+            raise CirkitError(f"unknown --stage {config.stage!r}; choose one of {', '.join(STAGES)}")
+        self.stage = str(config.stage)
+        self.use_ema = bool(config.ema) and self.stage == "2"
+        self.target: torch.nn.Module | None = None  # EMA / frozen target encoder
+        self._pending_target: dict[str, torch.Tensor] | None = None
+        self.preprocess = self.tokenizer = None
+        self.init_config: dict[str, Any] = {}
+        self.init_has_ema = False
+
+    # -- model ----------------------------------------------------------------------------
+    def build(self) -> torch.nn.Module:
+        from cirkit.backbones import vit
+
+        c = self.config
+        if c.init:
+            model, ema, self.preprocess, self.tokenizer, self.init_config = vit.load_model(c.init)
+            _check_init_compatible(c, model.settings, c.init)
+            if not c.cross_attn and model.xattn:
+                model.xattn = torch.nn.ModuleDict()  # --no-cross-attn on top of a stage-1 model
+                model.settings["cross_attn"], model.settings["cross_attn_layers"] = False, []
+            if ema is not None and self.stage == "combiner":
+                self._pending_target = ema.state_dict()
+                self.init_has_ema = True
+        else:
+            if self.stage == "combiner":
+                raise CirkitError("--stage combiner fine-tunes a stage-2 model: pass --init <stage-2 checkpoint folder>")
+            settings = vit.settings_from_config(c)
+            settings["pretrained"] = c.pretrained
+            model, self.preprocess, self.tokenizer = vit.build_model(settings, c.pretrained, allow_pickle=c.allow_pickle)
+        if self.stage == "combiner" and not self.init_config.get("stage") == "2":
+            log.warning("--stage combiner on a checkpoint not trained with --stage 2 (%s)", self.init_config.get("stage"))
+        self._set_trainable(model)
+        return model
+
+    def _set_trainable(self, model) -> None:
+        model.requires_grad_(False)
+        if self.stage == "1":
+            model.clip.requires_grad_(True)
+            model.logit_scale.requires_grad_(True)
+        elif self.stage == "2":
+            model.requires_grad_(True)
+            model.combiner.requires_grad_(False)
+            if not self.config.train_text_encoder:
+                _text_tower(model.clip).requires_grad_(False)
+        else:
+            model.combiner.requires_grad_(True)
+            model.logit_scale.requires_grad_(True)
+        model.logit_scale.requires_grad_(bool(self.config.learn_temperature) and model.logit_scale.requires_grad)
+        for name in ("logit_scale", "logit_bias"):  # open_clip's own: unused
+            p = getattr(model.clip, name, None)
+            if isinstance(p, torch.nn.Parameter):
+                p.requires_grad_(False)
+
+    # -- data -----------------------------------------------------------------------------
+    def dataset(self):
+        from cirkit.io import read_records
+        from cirkit.records import Caption, Triplet, resolve_path
+
+        c = self.config
+        if c.data is None:
+            need = "captions.jsonl" if self.stage == "1" else "triplets.jsonl"
+            raise CirkitError(f"no training data: pass DATA (a {need}) or set 'data' in the recipe")
+        path = Path(c.data)
+        rows: list[tuple[list[Path], str]] = []
+        if self.stage == "1":
+            for rec in read_records(path, Caption):
+                rows.append(([resolve_path(rec.image, path.parent)], rec.caption))
+        else:
+            for rec in read_records(path, Triplet):
+                rows.append(([resolve_path(rec.reference, path.parent), resolve_path(rec.target, path.parent)],
+                             rec.instruction))
+        for lineno, (paths, _) in enumerate(rows, start=1):
+            for p in paths:
+                if not p.exists():
+                    raise RecordError(path, lineno, f"image {p} does not exist", "image" if self.stage == "1" else "reference/target")
+        if len(rows) < 2:
+            raise CirkitError(f"{path}: in-batch contrastive training needs at least 2 examples, found {len(rows)}")
+        return _Examples(rows, self.preprocess), _Collate(self.tokenizer)
+
+    # -- loss -----------------------------------------------------------------------------
+    def _ensure_target(self, model) -> None:
+        if self.stage == "1" or self.target is not None:
+            return
+        if self.stage == "2" and not self.use_ema:
+            return
+        raw = getattr(model, "module", model)
+        self.target = copy.deepcopy(raw).requires_grad_(False).eval()
+        if self._pending_target is not None:
+            self.target.load_state_dict(self._pending_target)
+            self._pending_target = None
+
+    def loss(self, model, batch):
+        if batch is None:
+            raise CirkitError("a training batch had no readable images; check the image files")
+        self._ensure_target(model)
+        raw = getattr(model, "module", model)
+        scale = raw.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if self.stage == "1":
+            img, txt = model("clip", batch["images"], batch["tokens"])
+            logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        else:
+            if self.stage == "2" and not self.use_ema:
+                q, t = model("pair", batch["images"], batch["tokens"], batch["targets"])
+            else:
+                q = model("query" if self.stage == "2" else "compose", batch["images"], batch["tokens"])
+                with torch.no_grad():
+                    t = self.target("target", batch["targets"])
+            logits = scale * F.normalize(q, dim=-1) @ F.normalize(t, dim=-1).T.to(q.dtype)
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"acc": float(acc), "temp": float(1.0 / scale.detach())}
+
+    def after_step(self, model, step: int) -> None:
+        if not self.use_ema or self.target is None:
+            return
+        m = float(self.config.ema_momentum)
+        raw = getattr(model, "module", model)
+        with torch.no_grad():
+            tp = list(self.target.parameters())
+            op = list(raw.parameters())
+            torch._foreach_mul_(tp, m)
+            torch._foreach_add_(tp, [o.detach().to(t.dtype) for o, t in zip(op, tp, strict=True)], alpha=1.0 - m)
+            for tb, ob in zip(self.target.buffers(), raw.buffers(), strict=True):
+                tb.copy_(ob)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.target is None:
+            return {}
+        return {k: v.detach() for k, v in self.target.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            return
+        if self.target is not None:
+            self.target.load_state_dict(state)
+        else:
+            self._pending_target = dict(state)
+
+    def save(self, model, folder: Path) -> None:
+        from cirkit.backbones.vit import save_checkpoint
+
+        raw = getattr(model, "module", model)
+        if self.stage == "combiner":
+            raw.settings["combiner_trained"] = True
+        ema = None
+        if self.stage == "2" and self.use_ema:
+            ema = self.target
+        elif self.stage == "combiner" and self.init_has_ema:
+            ema = self.target
+            if ema is None:  # saved before the first step
+                ema = copy.deepcopy(raw)
+                ema.load_state_dict(self._pending_target)
+        save_checkpoint(raw, folder, ema=ema, stage=self.stage, ema_used=self.use_ema,
+                        ema_momentum=self.config.ema_momentum if self.use_ema else None,
+                        init=str(self.config.init) if self.config.init else None)
+
+
+def _text_tower(clip) -> torch.nn.Module:
+    if hasattr(clip, "text"):
+        return clip.text
+    mods = torch.nn.ModuleList([clip.transformer, clip.token_embedding, clip.ln_final])
+    if isinstance(clip.text_projection, torch.nn.Module):
+        mods.append(clip.text_projection)
+    holder = torch.nn.Module()
+    holder.mods = mods
+    if isinstance(clip.positional_embedding, torch.nn.Parameter):
+        clip.positional_embedding.requires_grad_(False)
+    if isinstance(clip.text_projection, torch.nn.Parameter):
+        clip.text_projection.requires_grad_(False)
+    return holder
+
+
+def _check_init_compatible(config: TrainConfig, settings: dict[str, Any], where: str) -> None:
+    if config.cross_attn and not settings.get("cross_attn", True) and str(config.stage) == "2":
+        log.warning("%s has no cross-attention layers; training without them", where)
+    if config.cross_attn_layers is not None and settings.get("cross_attn_layers") not in (None, sorted(config.cross_attn_layers)):
+        raise CirkitError(
+            f"--cross-attn-layers {config.cross_attn_layers} differs from the --init checkpoint's "
+            f"{settings.get('cross_attn_layers')}; leave it unset when starting from {where}"
+        )

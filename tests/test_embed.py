@@ -1,0 +1,76 @@
+"""``embed``: folder or gallery.jsonl -> Lance store; resumable, bad images counted, any backbone."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cirkit.cli import app
+from cirkit.embed import EmbedConfig, run
+from cirkit.errors import ImageError
+from cirkit.io.embeddings import read_embeddings
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, colour in [("red", "red"), ("blue", "blue"), ("sub/green", "green")]:
+        Image.new("RGB", (16, 16), colour).save(folder / f"{name}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_folder_is_embedded_and_bad_images_are_counted(photos, tmp_path):
+    out = tmp_path / "g.lance"
+    r = run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0, batch_size=2))
+    assert r.counts == {"images": 4, "embedded": 3, "already_stored": 0, "failed": 1}
+    assert len(r.skipped) == 1 and "broken" in r.skipped[0][0]
+    manifest, ids, images, vecs = read_embeddings(out)
+    assert sorted(ids) == ["blue", "red", "sub/green"]
+    assert manifest.backbone == "fake" and manifest.dim == vecs.shape[1] == 32
+    assert all(p.endswith(".png") for p in images)
+
+
+def test_rerun_skips_what_is_stored(photos, tmp_path):
+    out = tmp_path / "g.lance"
+    run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0))
+    (photos / "yellow.png").write_bytes(b"")
+    Image.new("RGB", (16, 16), "yellow").save(photos / "yellow.png")
+    r = run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0))
+    assert r.counts["embedded"] == 1 and r.counts["already_stored"] == 3
+    assert len(read_embeddings(out)[1]) == 4
+
+
+def test_strict_stops_at_the_first_bad_image(photos, tmp_path):
+    with pytest.raises(ImageError, match="broken"):
+        run(EmbedConfig(input=photos, output=tmp_path / "g.lance", backbone="fake", num_workers=0, strict=True))
+
+
+def test_gallery_jsonl_paths_resolve_relative_to_the_file(photos, tmp_path):
+    gallery = tmp_path / "bench" / "gallery.jsonl"
+    gallery.parent.mkdir()
+    gallery.write_text("".join(json.dumps({"id": f"g{i}", "image": f"../photos/{n}.png"}) + "\n"
+                               for i, n in enumerate(["red", "blue"])))
+    r = run(EmbedConfig(input=gallery, output=tmp_path / "g.lance", backbone="fake", num_workers=0))
+    assert r.counts["embedded"] == 2
+    assert sorted(read_embeddings(tmp_path / "g.lance")[1]) == ["g0", "g1"]
+
+
+def test_cli_with_a_vit_checkpoint(photos, tmp_path):
+    from cirkit.backbones.vit import build_model, save_checkpoint
+
+    model, _, _ = build_model({"model": "cirkit-tiny"})
+    save_checkpoint(model, tmp_path / "ckpt")
+    out = tmp_path / "v.lance"
+    res = CliRunner().invoke(app, ["embed", str(photos), "--model", str(tmp_path / "ckpt"), "-o", str(out),
+                                   "--num-workers", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["counts"]["embedded"] == 3 and summary["skipped"] == 1
+    manifest = read_embeddings(out)[0]
+    assert manifest.backbone == "vit" and manifest.dim == 32
+    # a store made by another model is refused, in one line
+    res = CliRunner().invoke(app, ["embed", str(photos), "--backbone", "fake", "-o", str(out), "--num-workers", "0"])
+    assert res.exit_code == 1 and "write to a new file" in res.output

@@ -1,0 +1,103 @@
+"""The generic loop: schedule, data order, stages, checkpoint folder, exact resume, refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cirkit.errors import CirkitError
+from cirkit.train import run
+from cirkit.train.loop import EpochBatches, lr_factor, train
+from cirkit.train.vit import VitTrainPlugin
+
+from .conftest import tiny_config
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 10, "cosine") == pytest.approx(0.25)
+    assert lr_factor(3, 4, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(4, 4, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(7, 4, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 0, 10, "constant") == 1.0
+    with pytest.raises(CirkitError):
+        lr_factor(5, 0, 10, "bogus")
+
+
+def test_epoch_batches_are_disjoint_across_processes_and_resumable():
+    ranks = [list(EpochBatches(50, 4, 2, r, seed=3, epoch=1)) for r in range(2)]
+    flat = [i for r in ranks for b in r for i in b]
+    assert len(flat) == len(set(flat)) == 48  # 50 // (4 * 2) = 6 global batches
+    assert list(EpochBatches(50, 4, 2, 1, seed=3, epoch=1, start=2)) == ranks[1][2:]
+    assert list(EpochBatches(50, 4, 2, 0, seed=3, epoch=2)) != ranks[0]
+
+
+def test_three_stages_write_complete_checkpoints(synth_dir, tmp_path):
+    s1 = run(tiny_config(synth_dir, tmp_path / "s1", stage=1))
+    assert s1.counts["steps"] == 4 and s1.metrics["samples_per_s"] > 0
+    s2 = run(tiny_config(synth_dir, tmp_path / "s2", stage=2, init=str(tmp_path / "s1")))
+    comb = run(tiny_config(synth_dir, tmp_path / "c", stage="combiner", init=str(tmp_path / "s2")))
+    for name in ("s1", "s2", "c"):
+        folder = tmp_path / name
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "train_args.json", "metrics.jsonl", "trainer_state"} <= names
+        assert not [p for p in folder.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["combiner_trained"] and cfg["stage"] == "combiner" and cfg["has_ema"]
+    keys = load_file(str(tmp_path / "s2" / "model.safetensors")).keys()
+    assert any(k.startswith("ema.") for k in keys) and any(k.startswith("xattn.") for k in keys)
+    # the combiner stage trains the combiner only
+    trained = load_file(str(tmp_path / "c" / "trainer_state" / "model.safetensors"))
+    assert sorted(trained) == ["combiner.gate.bias", "combiner.gate.weight", "logit_scale"]
+    assert s2.details["trainable_parameters"] > comb.details["trainable_parameters"]
+
+
+def test_resume_continues_to_the_same_result(synth_dir, tmp_path):
+    kw = dict(stage=2, max_steps=6, save_every=3)
+    run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2))
+    init = str(tmp_path / "s1")
+    straight = train(tiny_config(synth_dir, tmp_path / "a", init=init, **kw), VitTrainPlugin(tiny_config(synth_dir, tmp_path / "a", init=init, **kw)))
+    cfg_b = tiny_config(synth_dir, tmp_path / "b", init=init, **kw)
+    half = train(cfg_b, VitTrainPlugin(cfg_b), stop_at=3)
+    assert half.details["stopped_at"] == 3
+    assert json.loads((tmp_path / "b" / "trainer_state" / "state.json").read_text())["step"] == 3
+    cfg_b.resume = True
+    resumed = train(cfg_b, VitTrainPlugin(cfg_b))
+    assert resumed.counts["steps"] == 6
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-4, abs=1e-5)
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # query encoder and EMA target encoder
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_refuses_to_overwrite_and_to_resume_nothing(synth_dir, tmp_path):
+    run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
+    with pytest.raises(CirkitError, match="already holds a checkpoint"):
+        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
+    with pytest.raises(CirkitError, match="nothing to resume"):
+        run(tiny_config(synth_dir, tmp_path / "new", stage=1, resume=True))
+    with pytest.raises(CirkitError, match="--resume needs the same settings"):
+        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2, resume=True))
+    with pytest.raises(CirkitError, match="pass --init"):
+        run(tiny_config(synth_dir, tmp_path / "c", stage="combiner"))
+    with pytest.raises(CirkitError, match="fewer than one optimiser step"):
+        run(tiny_config(synth_dir, tmp_path / "big", stage=1, batch_size=100000))
+
+
+def test_ablation_switches(synth_dir, tmp_path):
+    run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
+    init = str(tmp_path / "s1")
+    run(tiny_config(synth_dir, tmp_path / "noema", stage=2, init=init, ema=False, max_steps=2))
+    run(tiny_config(synth_dir, tmp_path / "nox", stage=2, init=init, cross_attn=False, max_steps=2))
+    noema = load_file(str(tmp_path / "noema" / "model.safetensors"))
+    nox = load_file(str(tmp_path / "nox" / "model.safetensors"))
+    assert not any(k.startswith("ema.") for k in noema)
+    assert not any(k.startswith("xattn.") for k in nox)
+    assert json.loads((tmp_path / "nox" / "config.json").read_text())["cross_attn"] is False
