@@ -45,8 +45,20 @@ def main(
 
 
 # Register only stages that work. Each module defines one function named like the command.
+from cirkit.cli import caption as _caption  # noqa: E402
+from cirkit.cli import embed as _embed  # noqa: E402
 from cirkit.cli import evaluate as _evaluate  # noqa: E402
+from cirkit.cli import index as _index  # noqa: E402
+from cirkit.cli import query as _query  # noqa: E402
+from cirkit.cli import reformulate as _reformulate  # noqa: E402
 from cirkit.cli import synth as _synth  # noqa: E402
+from cirkit.cli import train as _train  # noqa: E402
 
 app.command(name="synth")(_synth.synth)
+app.command(name="caption")(_caption.caption)
+app.command(name="reformulate")(_reformulate.reformulate)
 app.command(name="evaluate")(_evaluate.evaluate)
+app.command(name="index")(_index.index)
+app.command(name="query")(_query.query)
+app.command(name="train")(_train.train)
+app.command(name="embed")(_embed.embed)
