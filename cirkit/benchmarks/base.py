@@ -113,11 +113,12 @@ class Benchmark:
     # -- outputs -------------------------------------------------------------------------
     def write_submission(self, split: str, task: Task, ranked: Ranked, folder: Path) -> list[Path]:
         """Write this task's rankings; default: ``<benchmark>-<split>[-<task>]-rankings.jsonl`` of Result records."""
-        from cirkit.io import write_jsonl
+        from cirkit.io import safe_join, write_jsonl
         from cirkit.records import Result
 
         stem = f"{self.name}-{split}" if task.name == split else f"{self.name}-{split}-{task.name}"
-        path = folder / f"{stem}-rankings.jsonl"
+        # name and split can come from a user's meta.json: never write outside the folder
+        path = safe_join(folder, f"{stem}-rankings.jsonl")
         recs = []
         for q in task.queries:
             if q.id not in ranked.ids:

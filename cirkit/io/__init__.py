@@ -1,6 +1,6 @@
 """Reading and writing the files stages exchange: JSONL, atomic outputs, images, embeddings."""
 
-from cirkit.io.atomic import atomic_dir, atomic_write, atomic_write_json, safe_join
+from cirkit.io.atomic import atomic_dir, atomic_write, atomic_write_json, restore_dir, safe_join
 from cirkit.io.images import IMAGE_EXTENSIONS, list_images, open_image
 from cirkit.io.jsonl import JsonlAppender, read_jsonl, read_records, write_jsonl
 
@@ -14,6 +14,7 @@ __all__ = [
     "open_image",
     "read_jsonl",
     "read_records",
+    "restore_dir",
     "safe_join",
     "write_jsonl",
 ]

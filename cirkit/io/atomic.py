@@ -41,9 +41,15 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temp name and swap it in whole (checkpoints, benchmark folders)."""
+    """Build a folder under a temp name and swap it in whole (checkpoints, benchmark folders).
+
+    The swap is two renames (old folder aside, new one in); a crash between them leaves only
+    the set-aside copy, which :func:`restore_dir` (called here and by readers that resume)
+    puts back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -57,6 +63,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def restore_dir(path: str | Path) -> bool:
+    """Undo a swap that :func:`atomic_dir` started but a crash cut short; True if it restored one."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], path)
+    for stale in aside[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return True
 
 
 def safe_join(root: str | Path, relative: str | Path) -> Path:

@@ -30,7 +30,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                # without the line break, so a line cut short reports a column on this line
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
             yield lineno, obj

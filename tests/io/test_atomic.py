@@ -1,5 +1,7 @@
 """Whole-file outputs never appear half-written; output paths cannot escape their folder."""
 
+import os
+
 import pytest
 
 from cirkit.errors import CirkitError
@@ -40,3 +42,19 @@ def test_safe_join_refuses_escapes(tmp_path, bad):
 
 def test_safe_join_allows_subpaths(tmp_path):
     assert safe_join(tmp_path, "a/b.png") == (tmp_path / "a" / "b.png").resolve()
+
+
+def test_a_swap_cut_between_its_two_renames_is_restored(tmp_path):
+    from cirkit.io import atomic_dir, restore_dir
+
+    out = tmp_path / "ckpt"
+    with atomic_dir(out) as tmp:
+        (tmp / "step").write_text("1")
+    # A crash after "old folder aside" and before "new folder in": only the aside copy is left.
+    aside = tmp_path / ".ckpt.old-123"
+    os.replace(out, aside)
+    assert restore_dir(out) and (out / "step").read_text() == "1" and not aside.exists()
+    assert not restore_dir(out)  # nothing to do when the folder is there
+    with atomic_dir(out) as tmp:  # the next save works as usual
+        (tmp / "step").write_text("2")
+    assert (out / "step").read_text() == "2"
