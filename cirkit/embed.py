@@ -77,6 +77,7 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
             ))
         info = backbone.manifest()
         manifest = EmbeddingManifest(backbone=info["backbone"], checkpoint=info["checkpoint"], dim=int(info["dim"]),
+                                     source=info.get("source"), pretrained=info.get("pretrained"),
                                      normalized=True, mode="image")
         store = EmbeddingStore.open_for_append(config.output, manifest)
         todo = [(k, p) for k, p in items if k not in store.done]
@@ -87,7 +88,7 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
         with make_progress() as progress, torch.inference_mode():
             task = progress.add_task("embedding", total=len(todo), rate="")
             for ids, batch, bad in iter_image_batches(todo, backbone.image_transform(), backbone.collate,
-                                                      config.batch_size, workers):
+                                                      config.batch_size, workers, backbone.decode_size):
                 if bad and config.strict:
                     key, reason = bad[0]
                     raise ImageError(path_of[key], reason)

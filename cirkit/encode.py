@@ -8,10 +8,11 @@ stopping the run (unless ``strict``). Shared by ``embed``, ``evaluate`` and ``qu
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,10 +21,15 @@ from cirkit.io.images import open_image
 
 log = logging.getLogger("cirkit")
 
+# DataLoader workers fork while `embed` holds a Lance store open. They only decode images and
+# never touch LanceDB, and they are forked between appends (nothing mid-operation), so
+# lancedb's generic "fork support is experimental" warning does not apply here.
+warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+
 
 class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[tuple[str, Path]], transform: Callable[[Any], Any]):
-        self.items, self.transform = list(items), transform
+    def __init__(self, items: Sequence[tuple[str, Path]], transform: Callable[[Any], Any], min_side: int | None = None):
+        self.items, self.transform, self.min_side = list(items), transform, min_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -31,7 +37,7 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         key, path = self.items[i]
         try:
-            return key, self.transform(open_image(path)), None
+            return key, self.transform(open_image(path, min_side=self.min_side)), None
         except ImageError as e:
             return key, None, e.reason
 
@@ -55,10 +61,14 @@ def iter_image_batches(
     collate: Callable[[list[Any]], Any],
     batch_size: int = 64,
     num_workers: int = 0,
+    min_side: int | None = None,
 ) -> Iterator[tuple[list[str], Any, list[tuple[str, str]]]]:
-    """Yield ``(ids, batch, failures)`` with images decoded in ``num_workers`` processes."""
+    """Yield ``(ids, batch, failures)`` with images decoded in ``num_workers`` processes.
+
+    ``min_side``: the shorter side the transform needs (see :func:`cirkit.io.open_image`).
+    """
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(items, transform),
+        _ImageDataset(items, transform, min_side),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_Collate(collate),
@@ -87,6 +97,20 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+def _decoded_batches(backbone, items, batch_size, num_workers, strict, out: Encoded, progress, task, rate):
+    """Batches of decodable images with their ids; failures go to ``out.failed`` (or raise if strict)."""
+    workers = default_workers() if num_workers is None else num_workers
+    for ids, batch, bad in iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers,
+                                              backbone.decode_size):
+        if bad and strict:
+            key, reason = bad[0]
+            raise ImageError(dict(items)[key], reason)
+        out.failed.extend(bad)
+        if ids:
+            yield ids, batch
+        progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
+
+
 def encode_images(
     backbone,
     items: Sequence[tuple[str, Path]],
@@ -101,20 +125,13 @@ def encode_images(
 
     out = Encoded()
     chunks: list[torch.Tensor] = []
-    workers = default_workers() if num_workers is None else num_workers
     rate = Rate("img")
     embed = backbone.embed_image_queries if queries else backbone.embed_images
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(items), rate="")
-        for ids, batch, bad in iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers):
-            if bad and strict:
-                key, reason = bad[0]
-                raise ImageError(dict(items)[key], reason)
-            out.failed.extend(bad)
-            if ids:
-                chunks.append(embed(batch).float().cpu())
-                out.ids.extend(ids)
-            progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
+        for ids, batch in _decoded_batches(backbone, items, batch_size, num_workers, strict, out, progress, task, rate):
+            chunks.append(embed(batch).float().cpu())
+            out.ids.extend(ids)
     out.vectors = torch.cat(chunks) if chunks else torch.empty(0, backbone.dim)
     return out
 
@@ -135,23 +152,16 @@ def encode_queries(
     with_image = [(k, p) for k, p, _ in queries if p is not None]
     text_only = [k for k, p, _ in queries if p is None]
     vecs: dict[str, torch.Tensor] = {}
-    workers = default_workers() if num_workers is None else num_workers
     rate = Rate("q")
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(queries), rate="")
-        for ids, batch, bad in iter_image_batches(with_image, backbone.image_transform(), backbone.collate, batch_size, workers):
-            if bad and strict:
-                key, reason = bad[0]
-                raise ImageError(dict(with_image)[key], reason)
-            out.failed.extend(bad)
-            if ids:
-                v = backbone.embed_queries(batch, [text_of[k] or "" for k in ids]).float().cpu()
-                vecs.update(zip(ids, v))
-            progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
+        for ids, batch in _decoded_batches(backbone, with_image, batch_size, num_workers, strict, out, progress, task, rate):
+            v = backbone.embed_queries(batch, [text_of[k] or "" for k in ids]).float().cpu()
+            vecs.update(zip(ids, v, strict=True))
         for i in range(0, len(text_only), batch_size):
             ids = text_only[i : i + batch_size]
             v = backbone.embed_queries(None, [text_of[k] or "" for k in ids]).float().cpu()
-            vecs.update(zip(ids, v))
+            vecs.update(zip(ids, v, strict=True))
             progress.update(task, advance=len(ids), rate=rate.add(len(ids)))
     out.ids = [k for k, _, _ in queries if k in vecs]
     out.vectors = torch.stack([vecs[k] for k in out.ids]) if out.ids else torch.empty(0, backbone.dim)

@@ -85,7 +85,10 @@ def spec_for(config: QueryConfig, index) -> Any:
             backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=config.mode, device=config.device
         )
     m = index.manifest
-    model, _, pretrained = m.checkpoint.partition("@")
+    if m.source:
+        model, pretrained = m.source, m.pretrained
+    else:  # indexes written before manifests recorded the source
+        model, _, pretrained = m.checkpoint.partition("@")
     log.info("no --model given; using the index's model %s %s", m.backbone, m.checkpoint)
     return BackboneSpec(
         backbone=m.backbone, model=model or None, pretrained=pretrained or None, mode=config.mode, device=config.device

@@ -205,12 +205,14 @@ class EmbeddingManifest(Record):
 
     kind: ClassVar[str] = "manifest"
     backbone: str
-    checkpoint: str
+    checkpoint: str                 # identity: model name or folder name @ weights id / pretrained tag
     dim: int
     normalized: bool = True
     mode: str = "image"
     count: int | None = None
     dtype: str = "float32"
+    source: str | None = None       # where to load the model from: absolute folder, hub id or open_clip name
+    pretrained: str | None = None   # open_clip pretrained tag or weights file, if any
 
     def fingerprint(self) -> tuple[str, str, int]:
         """The fields that must match between an index and the model that queries it."""

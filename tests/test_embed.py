@@ -74,3 +74,25 @@ def test_cli_with_a_vit_checkpoint(photos, tmp_path):
     # a store made by another model is refused, in one line
     res = CliRunner().invoke(app, ["embed", str(photos), "--backbone", "fake", "-o", str(out), "--num-workers", "0"])
     assert res.exit_code == 1 and "write to a new file" in res.output
+
+
+def test_index_remembers_where_its_model_lives(photos, tmp_path, monkeypatch):
+    """embed -> index -> query with no --model loads the checkpoint recorded in the index,
+    from any working directory; re-saving the same weights keeps the checkpoint identity."""
+    from cirkit.backbones.vit import build_model, read_checkpoint, save_checkpoint
+
+    model, _, _ = build_model({"model": "cirkit-tiny"})
+    save_checkpoint(model, tmp_path / "ckpt")
+    first_id = read_checkpoint(tmp_path / "ckpt")[0]["weights_id"]
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert read_checkpoint(tmp_path / "ckpt")[0]["weights_id"] == first_id
+    monkeypatch.chdir(tmp_path)
+    run_ = CliRunner().invoke
+    assert run_(app, ["embed", "photos", "--model", "ckpt", "-o", "g.lance", "--num-workers", "0"]).exit_code == 0
+    assert run_(app, ["index", "g.lance", "-o", "idx"]).exit_code == 0
+    assert read_embeddings(tmp_path / "g.lance")[0].source == str((tmp_path / "ckpt").resolve())
+    monkeypatch.chdir(photos)
+    res = run_(app, ["query", "red.png", "make it blue", "--index", str(tmp_path / "idx"), "-k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(str(hits)) and "red" in json.dumps(hits)

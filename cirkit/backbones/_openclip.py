@@ -8,6 +8,7 @@ configs next to the real ones. ``pretrained`` is an open_clip tag (``openai``,
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from cirkit.errors import CheckpointError, CirkitError
@@ -27,6 +28,15 @@ def register_configs() -> None:
     _registered = True
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
 def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32",
                 allow_pickle: bool = False):
     """``open_clip.create_model_and_transforms`` with clear errors; returns (model, preprocess, tokenizer)."""
@@ -40,6 +50,11 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
             f"{pretrained}: pickle checkpoints can run code when loaded; convert to .safetensors "
             "or pass --allow-pickle if you trust the file"
         )
+    # Without a tag the weights are random on purpose (training from scratch, or a cirkit
+    # checkpoint loaded next): open_clip's "No pretrained weights loaded" warning is noise then.
+    quiet = _DropMessage("No pretrained weights loaded") if not pretrained else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device, precision=precision,
@@ -49,5 +64,14 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
         if "pretrained" in str(e).lower() or "download" in str(e).lower():
             raise CirkitError(f"cannot load open_clip weights {model}/{pretrained}: {e}") from None
         raise
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(model)
     return clip, preprocess, tokenizer
+
+
+def decode_size(clip) -> int:
+    """Twice the shorter input side of an open_clip model's vision tower (see Backbone.decode_size)."""
+    size = getattr(clip.visual, "image_size", 224)
+    return 2 * int(min(size) if isinstance(size, (tuple, list)) else size)

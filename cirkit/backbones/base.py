@@ -12,8 +12,10 @@ Trainable backbones (``vit``, ``mllm``) additionally implement the training prot
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +53,9 @@ class Backbone(abc.ABC):
     name: str = "base"
     dim: int
     device: torch.device = torch.device("cpu")
+    # Shorter image side the transform needs; set, it lets JPEGs decode at a reduced DCT scale
+    # (twice the model's input side keeps the final resize a real downsample). None: full size.
+    decode_size: int | None = None
 
     def __init__(self, spec: BackboneSpec):
         self.spec = spec
@@ -105,6 +110,8 @@ class Backbone(abc.ABC):
             "dim": int(self.dim),
             "normalized": True,
             "mode": self.spec.mode,
+            "source": _source(self.spec.model),
+            "pretrained": self.spec.pretrained,
         }
 
     def checkpoint_id(self) -> str:
@@ -121,3 +128,10 @@ def pick_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _source(model: str | None) -> str | None:
+    """A model reference that loads from anywhere: local paths made absolute, names kept."""
+    if model and Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model

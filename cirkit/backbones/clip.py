@@ -35,7 +35,7 @@ class ClipBackbone(Backbone):
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        from cirkit.backbones._openclip import create_clip
+        from cirkit.backbones._openclip import create_clip, decode_size
         from cirkit.errors import CirkitError
 
         if spec.model is None:
@@ -56,6 +56,7 @@ class ClipBackbone(Backbone):
         )
         self.model.eval()
         self.dim = int(_embed_dim(self.model))
+        self.decode_size = decode_size(self.model)
 
     def image_transform(self):
         return self.preprocess

@@ -26,6 +26,7 @@ are embedded with the target encoder, which is what the queries were trained aga
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -306,9 +307,7 @@ def _embed_dim(clip) -> int:
 
 
 def checkpoint_config(model: VitCir, **extra: Any) -> dict[str, Any]:
-    """``config.json`` contents for a vit checkpoint folder."""
-    import uuid
-
+    """``config.json`` contents for a vit checkpoint folder (``weights_id`` comes with ``extra``)."""
     import open_clip
 
     from cirkit import __version__
@@ -320,7 +319,6 @@ def checkpoint_config(model: VitCir, **extra: Any) -> dict[str, Any]:
         "open_clip": open_clip.__version__,
         "open_clip_config": open_clip.get_model_config(model.settings["model"]),
         "weights": WEIGHTS,
-        "weights_id": uuid.uuid4().hex[:12],
         **extra,
     }
 
@@ -335,6 +333,15 @@ def save_checkpoint(model: VitCir, folder: Path, ema: VitCir | None = None, **ex
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if ema is not None:
         state.update({EMA_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()})
+    # The id follows the content: the same weights saved twice keep it (an index built from
+    # them stays valid), any change of weights gives a new one. Hashed over the tensors, not
+    # the file, whose header order is not fixed.
+    digest = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        digest.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        digest.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    extra.setdefault("weights_id", digest.hexdigest()[:12])
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "backbone": "vit"})
     atomic_write_json(Path(folder) / "config.json", checkpoint_config(model, has_ema=ema is not None, **extra))
 
@@ -352,6 +359,10 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch
         raise CheckpointError(f"{folder}: a {cfg.get('backbone')} checkpoint, not vit")
     weights = folder / cfg.get("weights", WEIGHTS)
     if not weights.exists():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise CheckpointError(f"{folder}: no {weights.name}, only pickle weights ({', '.join(pickles)}); "
+                                  "cirkit checkpoints load from safetensors only, never from pickle")
         raise CheckpointError(f"{folder}: missing {weights.name}; the checkpoint is incomplete")
     state = load_file(str(weights))
     ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)} or None
@@ -398,6 +409,9 @@ class VitBackbone(Backbone):
         self.target_model = target.to(self.device, self.dtype).eval() if target is not None else self.model
         self.preprocess, self.tokenizer, self.config = preprocess, tokenizer, config
         self.dim = int(model.settings["embed_dim"])
+        from cirkit.backbones._openclip import decode_size
+
+        self.decode_size = decode_size(model.clip)
         self.use_combiner = bool(config.get("combiner_trained", False))
 
     def image_transform(self):

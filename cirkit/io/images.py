@@ -12,12 +12,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 MAX_PIXELS = 89_478_485
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS):
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
     """Decode ``path`` to an RGB PIL image with EXIF orientation applied.
 
     Raises :class:`ImageError` (with the reason) for missing, empty, truncated,
     non-image, or oversized files; transparency is flattened onto white and 16-bit
-    images are scaled to 8 bits rather than clipped.
+    images are scaled to 8 bits rather than clipped. ``min_side``: the caller only needs
+    images whose shorter side is at least this; JPEGs are then decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that still gives that, which is several times faster for
+    photos much larger than a model's input.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -34,6 +37,9 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS):
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(path, f"{w}x{h} = {w * h} pixels exceeds the {max_pixels}-pixel limit")
+                if min_side and im.format == "JPEG" and min(w, h) > 2 * min_side:
+                    # draft keeps both sides >= the request; scale it so the shorter side is min_side.
+                    im.draft("RGB", (max(1, w * min_side // min(w, h)), max(1, h * min_side // min(w, h))))
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)

@@ -350,8 +350,8 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
                 del batches, loader
                 if "stopped_at" in result.details:
                     break
-            if "stopped_at" not in result.details:
-                save()
+            if "stopped_at" not in result.details and step > start_step:
+                save()  # (resuming a finished run trains nothing and leaves its checkpoint as it is)
         if check_sync and world > 1:
             _assert_in_sync(accelerator, [p.detach() for p in raw.parameters()], "weights")
             result.details["replicas_in_sync"] = True
@@ -374,6 +374,10 @@ def _assert_in_sync(accelerator, tensors: list[torch.Tensor], what: str) -> None
 
 
 def _check_output(out: Path, config: TrainConfig, main: bool = True) -> None:
+    from cirkit.io import restore_dir
+
+    if main and restore_dir(out):
+        log.warning("%s: restored the last checkpoint from a save that was interrupted mid-swap", out)
     has_ckpt = (out / "config.json").exists() or (out / STATE_DIR).exists()
     if config.resume:
         if not (out / STATE_DIR / "state.json").exists():

@@ -112,3 +112,18 @@ def test_list_images_duplicate_ids(tmp_path):
         list_images(tmp_path)
 
 
+
+
+def test_min_side_decodes_big_jpegs_smaller_but_never_below_it(tmp_path):
+    img = Image.new("RGB", (800, 600), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # portrait on display
+    img.save(tmp_path / "big.jpg", exif=exif.tobytes())
+    img.save(tmp_path / "big.png")
+    full = open_image(tmp_path / "big.jpg")
+    small = open_image(tmp_path / "big.jpg", min_side=128)
+    assert full.size == (600, 800)
+    assert small.size == (150, 200)  # 1/4 scale: shorter side 150 >= 128; 1/8 would give 75
+    assert np.abs(np.asarray(small, dtype=int).mean((0, 1)) - np.asarray(full, dtype=int).mean((0, 1))).max() < 2
+    assert open_image(tmp_path / "big.jpg", min_side=400).size == full.size  # no smaller scale fits
+    assert open_image(tmp_path / "big.png", min_side=128).size == (800, 600)  # only JPEG has DCT scales
