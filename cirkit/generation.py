@@ -213,15 +213,22 @@ def _prepare_tokenizer(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
+def causal_lm_ref(model: str | None = None, gguf_file: str | None = None) -> tuple[str, str | None, str]:
+    """(folder or hub id, GGUF file or None, display name) of a causal LM, without loading it."""
+    if not model and not gguf_file:
+        model, gguf_file = default_llm()
+    model, gguf_file = split_model_ref(model or "", gguf_file)
+    name = model if not gguf_file else (Path(gguf_file).stem if Path(model).is_dir() else f"{model}/{gguf_file}")
+    return model, gguf_file, name
+
+
 def load_causal_lm(model: str | None = None, gguf_file: str | None = None, device: str | None = None,
                    dtype: str | None = None, trust_remote_code: bool = False) -> LoadedLM:
     """Load a causal LM by hub id, folder or GGUF file; ``model=None`` means the offline SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    if not model and not gguf_file:
-        model, gguf_file = default_llm()
-    model, gguf_file = split_model_ref(model or "", gguf_file)
+    model, gguf_file, name = causal_lm_ref(model, gguf_file)
     dev = resolve_device(device)
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -237,7 +244,6 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
     lm.to(dev).eval()
     if lm.generation_config.pad_token_id is None:
         lm.generation_config.pad_token_id = tok.pad_token_id
-    name = model if not gguf_file else (Path(gguf_file).stem if Path(model).is_dir() else f"{model}/{gguf_file}")
     return LoadedLM(model=lm, tokenizer=tok, model_id=name, gguf_file=gguf_file, device=dev)
 
 

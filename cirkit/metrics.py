@@ -20,7 +20,7 @@ def recall_at_k(ranked: Sequence[Sequence], targets: Sequence[Collection], k: in
     _check(ranked, targets)
     if not ranked:
         return 0.0
-    hits = sum(1 for r, t in zip(ranked, targets) if any(x in t for x in r[:k]))
+    hits = sum(1 for r, t in zip(ranked, targets, strict=True) if any(x in t for x in r[:k]))
     return 100.0 * hits / len(ranked)
 
 
@@ -34,7 +34,7 @@ def recall_subset_at_k(
     """
     _check(ranked, subsets)
     filtered = []
-    for i, (r, s) in enumerate(zip(ranked, subsets)):
+    for i, (r, s) in enumerate(zip(ranked, subsets, strict=True)):
         s = set(s) - set(exclude[i] if exclude is not None else ())
         filtered.append([x for x in r if x in s])
     return recall_at_k(filtered, targets, k)
@@ -60,7 +60,7 @@ def map_at_k(ranked: Sequence[Sequence], targets: Sequence[Collection], k: int) 
     _check(ranked, targets)
     if not ranked:
         return 0.0
-    return 100.0 * sum(average_precision_at_k(r, t, k) for r, t in zip(ranked, targets)) / len(ranked)
+    return 100.0 * sum(average_precision_at_k(r, t, k) for r, t in zip(ranked, targets, strict=True)) / len(ranked)
 
 
 def recall_from_ranks(ranks: Sequence[int], k: int) -> float:

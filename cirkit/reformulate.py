@@ -421,28 +421,30 @@ def run(config: ReformulateConfig) -> StageResult:
         system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
         examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
             if config.prompt is None else []
-        lm = None
-        if config.generator == "llm":
-            from cirkit.generation import load_causal_lm
-
-            lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code)
-            generator = {"type": "llm", **lm.describe(), "prompt": prompt, "system": system,
-                         "examples": [list(e) for e in DEFAULT_EXAMPLES] if examples else [],
-                         "settings": settings.to_dict()}
-        else:
-            generator = {"type": "template", "model": "template", "prompt": None}
-        generator.update(pairing=config.pairing, seed=config.seed)
-        _check_same_generator([out, rej], generator)
-
         src_dir, out_dir = captions_path.parent, out.parent
         counts = {"generated": 0, "written": 0, **{f"rejected_{f}": 0 for f in FILTERS}}
         with JsonlAppender(out) as writer, JsonlAppender(rej) as rejected:
-            accepted = set()
-            for _, obj in read_jsonl(out) if out.stat().st_size else ():
-                accepted.add((obj.get("reference"), normalize(obj.get("instruction", ""))))
             todo = [(i, j) for i, j in pairs
                     if pair_id(caps[i].id, caps[j].id) not in writer and pair_id(caps[i].id, caps[j].id) not in rejected]
             result.counts["already_done"] = len(pairs) - len(todo)
+            lm = None
+            if config.generator == "llm":
+                from cirkit.generation import causal_lm_ref, load_causal_lm
+
+                _, gguf_file, name = causal_lm_ref(config.model, config.gguf_file)
+                generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
+                             "prompt": prompt, "system": system,
+                             "examples": [list(e) for e in DEFAULT_EXAMPLES] if examples else [],
+                             "settings": settings.to_dict()}
+            else:
+                generator = {"type": "template", "model": "template", "prompt": None}
+            generator.update(pairing=config.pairing, seed=config.seed)
+            _check_same_generator([out, rej], generator)
+            if config.generator == "llm" and todo:  # nothing left to write: no model to load
+                lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code)
+            accepted = set()
+            for _, obj in read_jsonl(out) if out.stat().st_size else ():
+                accepted.add((obj.get("reference"), normalize(obj.get("instruction", ""))))
 
             prefix = None
 

@@ -1,8 +1,8 @@
 """`cirkit --help` and every `cirkit <stage> --help` are fast and never import torch."""
 
+import resource
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,11 +19,17 @@ PROBE = (
 
 
 def _best_of(args, n=3):
+    """Best CPU seconds (user + system) of the child over ``n`` runs, and its stdout.
+
+    CPU time, not wall time: it is what the import work costs, and it does not grow when
+    other jobs share the machine's cores (wall time on an idle machine is about the same).
+    """
     best = float("inf")
     for _ in range(n):
-        t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
-        best = min(best, time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        best = min(best, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
         assert proc.returncode == 0, proc.stderr
     return best, proc.stdout
 
@@ -36,7 +42,7 @@ def test_stages_are_registered():
 def test_help_is_fast_and_light(args):
     seconds, out = _best_of(args)
     assert "Usage" in out
-    assert seconds < 0.5, f"cirkit {' '.join(args)} took {seconds:.2f}s"
+    assert seconds < 0.5, f"cirkit {' '.join(args)} took {seconds:.2f}s of CPU"
 
 
 def test_stage_docstrings_have_examples():

@@ -528,26 +528,15 @@ class MllmTrainPlugin(TrainPlugin):
 
     # -- data ----------------------------------------------------------------------------
     def dataset(self):
-        from cirkit.io import read_records
-        from cirkit.records import Caption, Triplet, resolve_path
-
         c = self.config
-        if c.data is None:
-            what = "captions.jsonl" if self.stage == "1" else "triplets.jsonl"
-            raise CirkitError(f"--stage {self.stage} needs --data {what}")
-        data = Path(c.data)
-        base = data.parent
         rows: list[tuple] = []
         if self.stage == "1":
-            for r in read_records(data, Caption):
-                if r.caption.strip():
-                    rows.append((resolve_path(r.image, base), r.caption))
+            data, records = self.training_records("image")
+            rows = [(Path(r.image), r.caption) for r in records if r.caption.strip()]
         else:
-            for r in read_records(data, Triplet):
-                if not (r.target_caption or "").strip():
-                    continue
-                target = resolve_path(r.target, base) if c.target_image_loss else None
-                rows.append((resolve_path(r.reference, base), r.instruction, r.target_caption, target))
+            data, records = self.training_records("reference", *(["target"] if c.target_image_loss else []))
+            rows = [(Path(r.reference), r.instruction, r.target_caption, Path(r.target) if c.target_image_loss else None)
+                    for r in records if (r.target_caption or "").strip()]
             if not rows:
                 raise CirkitError(f"{data}: no triplet has a target_caption; stage 2 contrasts queries with target captions")
         if len(rows) < 2:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -17,13 +18,13 @@ from cirkit.errors import CirkitError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
 RecipeOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="Recipe YAML; its settings apply before explicit flags.", exists=False),
 ]
 StrictFlag = Annotated[
-    Optional[bool], typer.Option("--strict/--no-strict", help="Fail on the first unreadable image instead of skipping it.")
+    bool | None, typer.Option("--strict/--no-strict", help="Fail on the first unreadable image instead of skipping it.")
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: best available).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: best available).")]
 
 
 def err(message: str) -> None:

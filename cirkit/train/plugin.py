@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from cirkit.errors import CirkitError
+
 CHECKPOINT_FILES = ("config.json", "train_args.json")  # plus model.safetensors or adapter files
 
 
@@ -88,6 +90,33 @@ class TrainPlugin(abc.ABC):
     def dataset(self) -> tuple[torch.utils.data.Dataset, Callable[[list[Any]], Any]]:
         """The training examples for ``config.stage`` read from ``config.data``, and their collate fn."""
 
+    def training_records(self, *image_fields: str) -> tuple[Path, list[Any]]:
+        """``config.data`` read as the stage's records: captions for stage 1, triplets otherwise.
+
+        The ``image_fields`` of every record are resolved against the file's folder in place and
+        must exist; a missing image is an error naming the file, line and field.
+        """
+        from cirkit.errors import RecordError
+        from cirkit.io import read_jsonl
+        from cirkit.records import Caption, Triplet, resolve_path
+
+        c = self.config
+        if c.data is None:
+            need = "captions.jsonl" if c.stage == "1" else "triplets.jsonl"
+            raise CirkitError(f"no training data: pass DATA (a {need}) or set 'data' in the recipe")
+        path = Path(c.data)
+        cls = Caption if c.stage == "1" else Triplet
+        records = []
+        for lineno, obj in read_jsonl(path):
+            rec = cls.from_dict(obj, path, lineno)
+            for f in image_fields:
+                p = resolve_path(getattr(rec, f), path.parent)
+                if not p.exists():
+                    raise RecordError(path, lineno, f"image {p} does not exist", f)
+                setattr(rec, f, str(p))
+            records.append(rec)
+        return path, records
+
     @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for one batch and scalar logs (e.g. accuracy, temperature)."""
@@ -104,14 +133,14 @@ class TrainPlugin(abc.ABC):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
+    def after_step(self, model: torch.nn.Module, step: int) -> None:  # noqa: B027 (optional hook)
         """Hook after each optimiser step (EMA update)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Extra tensors to checkpoint for exact resume (e.g. the EMA target encoder)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027 (optional hook)
         """Restore what :meth:`state_dict` returned."""
 
     @abc.abstractmethod

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cirkit.errors import CirkitError, ImageError, RecordError
+from cirkit.errors import CirkitError, ImageError
 from cirkit.train.plugin import TrainConfig, TrainPlugin
 
 log = logging.getLogger("cirkit")
@@ -133,26 +133,12 @@ class VitTrainPlugin(TrainPlugin):
 
     # -- data -----------------------------------------------------------------------------
     def dataset(self):
-        from cirkit.io import read_records
-        from cirkit.records import Caption, Triplet, resolve_path
-
-        c = self.config
-        if c.data is None:
-            need = "captions.jsonl" if self.stage == "1" else "triplets.jsonl"
-            raise CirkitError(f"no training data: pass DATA (a {need}) or set 'data' in the recipe")
-        path = Path(c.data)
-        rows: list[tuple[list[Path], str]] = []
         if self.stage == "1":
-            for rec in read_records(path, Caption):
-                rows.append(([resolve_path(rec.image, path.parent)], rec.caption))
+            path, records = self.training_records("image")
+            rows = [([Path(r.image)], r.caption) for r in records]
         else:
-            for rec in read_records(path, Triplet):
-                rows.append(([resolve_path(rec.reference, path.parent), resolve_path(rec.target, path.parent)],
-                             rec.instruction))
-        for lineno, (paths, _) in enumerate(rows, start=1):
-            for p in paths:
-                if not p.exists():
-                    raise RecordError(path, lineno, f"image {p} does not exist", "image" if self.stage == "1" else "reference/target")
+            path, records = self.training_records("reference", "target")
+            rows = [([Path(r.reference), Path(r.target)], r.instruction) for r in records]
         if len(rows) < 2:
             raise CirkitError(f"{path}: in-batch contrastive training needs at least 2 examples, found {len(rows)}")
         return _Examples(rows, self.preprocess), _Collate(self.tokenizer)

@@ -226,7 +226,7 @@ def test_errors_are_one_line_and_say_what_to_do(tiny, data, tmp_path):
         MllmTrainPlugin(_cfg(tiny, data, tmp_path / "x", lora_target_modules=["nope"])).build()
     with pytest.raises(CirkitError, match="cannot load multimodal model"):
         load_mllm_backbone(BackboneSpec(model=str(tmp_path / "missing")))
-    with pytest.raises(CirkitError, match="needs --data"):
+    with pytest.raises(CirkitError, match="no training data: pass DATA"):
         MllmTrainPlugin(TrainConfig(backbone="mllm", stage="1", model=str(tiny))).dataset()
 
 

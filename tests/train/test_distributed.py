@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,8 +19,11 @@ def test_two_processes_keep_gradients_and_weights_in_sync(synth_dir, tmp_path):
         "  log_every: 1\n  save_every: 0\n  extra: {check_sync: true}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port: parallel runs must not share a rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     # torchrun is what `accelerate launch --multi_gpu` uses; with no GPU the loop picks gloo.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "cirkit", "-q", "train", str(synth_dir / "triplets.jsonl"), "--stage", "2",
            "--init", str(tmp_path / "s1"), "-c", str(recipe), "-o", str(tmp_path / "ddp"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
