@@ -9,8 +9,9 @@ caption), same data, same batches, same optimiser (AdamW):
 * ``full``  every LLM weight trainable (``full_finetune``)
 
 The vision tower is frozen in both (the default). Each mode runs in its own spawned
-process so peaks do not mix: peak RSS (``ru_maxrss``) minus the RSS right after the model
-is built, the peak of Python-level allocations (tracemalloc), the bytes of trainable
+process so peaks do not mix: the peak RSS while training (sampled every millisecond by a
+thread; ``ru_maxrss`` would report the model-loading peak instead) minus the RSS right before
+the first step, the peak of Python-level allocations (tracemalloc), the bytes of trainable
 parameters + gradients + AdamW state, and on CUDA ``torch.cuda.max_memory_allocated``.
 Throughput is measured over ``--steps`` steps after ``--warmup`` untimed ones.
 
@@ -23,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -92,6 +93,16 @@ def _measure(mode: str, model_dir: str, data: str, args: dict, queue) -> None:
     batches = [to_device(b, device) for b in batches]
     model.train()
     rss0 = _rss_mb()
+    peak = {"rss": rss0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     tracemalloc.start()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -115,7 +126,9 @@ def _measure(mode: str, model_dir: str, data: str, args: dict, queue) -> None:
     seconds = time.perf_counter() - t0
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    done.set()
+    sampler.join()
+    peak_rss = peak["rss"]
     queue.put({
         "mode": mode,
         "trainable_params": n_train,
@@ -123,7 +136,7 @@ def _measure(mode: str, model_dir: str, data: str, args: dict, queue) -> None:
         "samples_per_s": args["steps"] * bs / seconds,
         "step_s": seconds / args["steps"],
         "peak_rss_mb": peak_rss,
-        "peak_rss_over_model_mb": peak_rss - rss0,
+        "peak_rss_over_model_mb": peak_rss - rss0,  # what training adds on top of the loaded model
         "tracemalloc_peak_mb": py_peak / 2**20,
         # fp32 weights' gradients + AdamW exp_avg + exp_avg_sq for what is trained.
         "grad_and_adam_state_mb": n_train * 4 * 3 / 2**20,
