@@ -30,9 +30,11 @@ Checkpoint folder: ``config.json`` (``{"cirkit", "backbone": "mllm", "base_model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -270,7 +272,8 @@ def load_checkpoint_model(
     elif has_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+        with _peft_quiet():
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     return model, processor, cfg
 
 
@@ -505,7 +508,8 @@ class MllmTrainPlugin(TrainPlugin):
                 modules_to_save=None if c.freeze_vision else vision_module_names(model),
                 bias="none",
             )
-            model = get_peft_model(model, lora)
+            with _peft_quiet():
+                model = get_peft_model(model, lora)
         # The vision side: frozen unless asked (in LoRA mode, trainable copies are peft modules_to_save).
         inner = inner_model(model)
         for name in vision_module_names(model):
@@ -593,3 +597,12 @@ def _save_full(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_model
 
     save_model(model, str(path))
+
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing``: not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
