@@ -419,13 +419,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from."""
     if not path.exists():
         return
+    text = path.read_text(encoding="utf-8")
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
         except json.JSONDecodeError:
             continue
+    if text == "".join(line + "\n" for line in keep):
+        return  # nothing was logged past the checkpoint (e.g. the run had finished)
     from cirkit.io import atomic_write
 
     with atomic_write(path) as fh:
