@@ -260,10 +260,20 @@ def chat_prompt(tokenizer, user: str, system: str | None = None,
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def shared_prefix(tokenizer, system: str | None, examples: list[tuple[str, str]] | tuple = ()) -> str:
-    """The text every :func:`chat_prompt` with this system message and these examples starts with."""
+def shared_prefix(tokenizer, system: str | None, examples: list[tuple[str, str]] | tuple = (),
+                  template: str | None = None) -> str:
+    """The text every :func:`chat_prompt` with this system message and these examples starts with.
+
+    ``template``: the user message with ``{...}`` placeholders; its constant lines before the
+    first placeholder are shared too (cut at a line break, where tokenizers do not merge
+    across the boundary), so their KV cache is computed once instead of once per prompt.
+    """
     sentinel = "\u2063CIRKIT-USER\u2063"
-    full = chat_prompt(tokenizer, sentinel, system, examples)
+    head = ""
+    if template:
+        before = template[: template.find("{")] if "{" in template else template
+        head = before[: before.rfind("\n") + 1]
+    full = chat_prompt(tokenizer, head + sentinel, system, examples)
     return full[: full.index(sentinel)]
 
 

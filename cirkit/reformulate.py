@@ -54,11 +54,13 @@ FILTERS = ("empty", "special_chars", "too_long", "copy", "duplicate")
 
 DEFAULT_SYSTEM = "You write short, precise image editing instructions."
 # Our own wording (the paper's Table I prompt was not retrievable): see the module docstring.
+# The task comes first and the captions last: the constant head is then part of the prompt
+# prefix whose KV cache is shared by every pair (see generation.shared_prefix).
 DEFAULT_PROMPT = (
-    "Caption of image A: {reference}\n"
-    "Caption of image B: {target}\n"
     "In at most 12 words, tell an editor how to turn image A into image B. "
-    "Start with a verb such as make, change, add, remove or move. Reply with the instruction only."
+    "Start with a verb such as make, change, add, remove or move. Reply with the instruction only.\n"
+    "Caption of image A: {reference}\n"
+    "Caption of image B: {target}"
 )
 # Worked examples given as earlier chat turns with the default prompt. Small models (SmolLM2-135M)
 # answer with a sentence about the task without them (all rejected as too long on synth), and
@@ -455,7 +457,7 @@ def run(config: ReformulateConfig) -> StageResult:
 
                 nonlocal prefix
                 if prefix is None:  # system + examples: prefilled once, reused by every batch
-                    prefix = shared_prefix(lm.tokenizer, system, examples)
+                    prefix = shared_prefix(lm.tokenizer, system, examples, prompt)
 
                 prompts = [chat_prompt(lm.tokenizer, prompt.format(reference=caps[i].caption.strip(),
                                                                    target=caps[j].caption.strip()),
