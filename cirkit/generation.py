@@ -479,31 +479,21 @@ def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
     """Save a random tiny LLaVA (CLIP vision tower + Llama) with a chat-template processor."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from cirkit.backbones.mllm_demo import llava_processor, vision_config
 
     tok = tiny_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_tiny_llama_config(len(tok)),
+    config = LlavaConfig(vision_config=vision_config(32, 8, hidden=32, layers=2, heads=2),
+                         text_config=_tiny_llama_config(len(tok)),
                          image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 5
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-        chat_template=tok.chat_template, num_additional_image_tokens=1,
-    )
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    llava_processor(tok, 32, 8, chat_template=tok.chat_template).save_pretrained(folder)
     return Path(folder)
 
 

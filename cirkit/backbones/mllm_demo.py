@@ -29,7 +29,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 
 
-def _llava_processor(tokenizer, image_size: int, patch_size: int):
+def llava_processor(tokenizer, image_size: int, patch_size: int, chat_template: str | None = None):
+    """A LLaVA processor for a CLIP tower of ``image_size`` px in ``patch_size`` patches."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
@@ -38,11 +39,12 @@ def _llava_processor(tokenizer, image_size: int, patch_size: int):
     # CLIP prepends a CLS token and the "default" strategy drops it: (size/patch)^2 image tokens.
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template,
     )
 
 
-def _vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+def vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+    """A CLIP vision tower config (MLP 4x wide)."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -81,7 +83,7 @@ def build_tiny_llava(out: str | Path, seed: int = 0, hidden: int = 32, layers: i
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     cfg = LlavaConfig(
-        vision_config=_vision_config(image_size, patch_size, hidden, layers, 2), text_config=text,
+        vision_config=vision_config(image_size, patch_size, hidden, layers, 2), text_config=text,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
@@ -89,7 +91,7 @@ def build_tiny_llava(out: str | Path, seed: int = 0, hidden: int = 32, layers: i
     model = LlavaForConditionalGeneration(cfg)
     out = Path(out)
     model.save_pretrained(out)
-    _llava_processor(tok, image_size, patch_size).save_pretrained(out)
+    llava_processor(tok, image_size, patch_size).save_pretrained(out)
     return out
 
 
@@ -140,7 +142,7 @@ def build_smollm2_llava(out: str | Path, image_size: int = 64, patch_size: int =
         text.num_hidden_layers = n_layers = llm_layers
         text.layer_types = None
     cfg = LlavaConfig(
-        vision_config=_vision_config(image_size, patch_size, vision_hidden, vision_layers, max(1, vision_hidden // 64)),
+        vision_config=vision_config(image_size, patch_size, vision_hidden, vision_layers, max(1, vision_hidden // 64)),
         text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=True,
     )
@@ -158,7 +160,7 @@ def build_smollm2_llava(out: str | Path, image_size: int = 64, patch_size: int =
     model.tie_weights()
     out = Path(out)
     model.save_pretrained(out)
-    _llava_processor(tok, image_size, patch_size).save_pretrained(out)
+    llava_processor(tok, image_size, patch_size).save_pretrained(out)
     return out
 
 
