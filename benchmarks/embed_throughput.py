@@ -133,7 +133,7 @@ def main() -> None:
         decode = decode_only(preprocess, paths)
         _, ids, _, vectors = read_embeddings(tmp / "g.lance")
         row = {k: i for i, k in enumerate(ids)}
-        mine = torch.as_tensor(vectors)[[row[p.stem] for p in paths]]
+        mine = torch.tensor(vectors)[[row[p.stem] for p in paths]]
         cos = (mine * plain_feats).sum(-1)
         print(f"model {args.model}, {args.images} JPEGs of {args.size}px, batch {args.batch_size}, "
               f"{workers} workers, torch threads {torch.get_num_threads()}, device cpu")
