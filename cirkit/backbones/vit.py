@@ -103,6 +103,11 @@ class Combiner(nn.Module):
         return w * q + (1 - w) * t
 
 
+def block_indexes(layers: list[int], n_blocks: int) -> list[int]:
+    """Block indexes sorted, deduplicated and non-negative (``-1`` is the last of ``n_blocks``)."""
+    return sorted({(i + n_blocks) if i < 0 else i for i in layers})
+
+
 def normalize_keep(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise in the input dtype (``normalize`` in base casts to float32)."""
     return nn.functional.normalize(x, dim=-1)
@@ -134,7 +139,7 @@ class VitCir(nn.Module):
         layers = settings.get("cross_attn_layers")
         if layers is None:
             layers = list(range(len(blocks)))
-        layers = sorted({(i + len(blocks)) if i < 0 else i for i in layers})
+        layers = block_indexes(layers, len(blocks))
         if any(i < 0 or i >= len(blocks) for i in layers):
             raise CirkitError(f"cross_attn_layers {settings.get('cross_attn_layers')} out of range for {len(blocks)} blocks")
         self.settings["cross_attn_layers"] = layers if settings.get("cross_attn", True) else []

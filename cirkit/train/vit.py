@@ -94,7 +94,7 @@ class VitTrainPlugin(TrainPlugin):
         c = self.config
         if c.init:
             model, ema, self.preprocess, self.tokenizer, self.init_config = vit.load_model(c.init)
-            _check_init_compatible(c, model.settings, c.init)
+            _check_init_compatible(c, model.settings, c.init, len(model.clip.visual.transformer.resblocks))
             if not c.cross_attn and model.xattn:
                 model.xattn = torch.nn.ModuleDict()  # --no-cross-attn on top of a stage-1 model
                 model.settings["cross_attn"], model.settings["cross_attn_layers"] = False, []
@@ -240,10 +240,16 @@ def _text_tower(clip) -> torch.nn.Module:
     return holder
 
 
-def _check_init_compatible(config: TrainConfig, settings: dict[str, Any], where: str) -> None:
+def _check_init_compatible(config: TrainConfig, settings: dict[str, Any], where: str, n_blocks: int) -> None:
+    from cirkit.backbones.vit import block_indexes
+
     if config.cross_attn and not settings.get("cross_attn", True) and str(config.stage) == "2":
         log.warning("%s has no cross-attention layers; training without them", where)
-    if config.cross_attn_layers is not None and settings.get("cross_attn_layers") not in (None, sorted(config.cross_attn_layers)):
+    saved = settings.get("cross_attn_layers")
+    # Compare as the model stores them: -1 and the last block's index name the same block.
+    if config.cross_attn_layers is not None and saved is not None and (
+        block_indexes(saved, n_blocks) != block_indexes(config.cross_attn_layers, n_blocks)
+    ):
         raise CirkitError(
             f"--cross-attn-layers {config.cross_attn_layers} differs from the --init checkpoint's "
             f"{settings.get('cross_attn_layers')}; leave it unset when starting from {where}"
