@@ -39,19 +39,19 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cirkit.errors import CirkitError, RecordError
+from cirkit.io.embeddings import MANIFEST_KEY, read_manifest_from_schema
 from cirkit.records import EmbeddingManifest
 from cirkit.summary import StageResult, timed
 
 log = logging.getLogger("cirkit")
 
-MANIFEST_KEY = b"cirkit"
 RESERVED = ("id", "image", "vector", "_rowid", "_distance", "_score")
 DEFAULT_TABLE = "images"
 STALE_FRACTION = 0.1  # rebuild the ANN index once more than this share of rows is unindexed
@@ -87,10 +87,9 @@ class Hit:
     id: str
     score: float
     image: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": round(float(self.score), 6), "image": self.image, **self.extra}
+        return {"rank": self.rank, "id": self.id, "score": round(float(self.score), 6), "image": self.image}
 
 
 # -- parameters ------------------------------------------------------------------------------
@@ -138,10 +137,8 @@ def cache_dir_for(uri: str, table: str, override: Path | None = None) -> Path:
 
 
 def manifest_of(table, where: str) -> EmbeddingManifest:
-    meta = table.schema.metadata or {}
-    if MANIFEST_KEY not in meta:
-        raise CirkitError(f"{where}: table has no cirkit manifest; was it written by 'cirkit index'?")
-    return EmbeddingManifest.from_dict(json.loads(meta[MANIFEST_KEY]), where)
+    """The manifest of an index table (the model that made its vectors)."""
+    return read_manifest_from_schema(table.schema, where, made_by="index")
 
 
 def describe(m: EmbeddingManifest | dict) -> str:
@@ -158,6 +155,8 @@ class Index:
         self.manifest = manifest_of(table, self.label)
         self.cache_dir = cache_dir_for(self.uri, table_name, cache_dir)
         self._cache: VectorCache | None = None
+        self._count: int | None = None
+        self._count_version: int | None = None
 
     @classmethod
     def open(cls, uri: str | Path, table: str = DEFAULT_TABLE, cache_dir: Path | None = None) -> Index:
@@ -257,7 +256,7 @@ class Index:
             q = q[None, :]
         if q.shape[1] != self.manifest.dim:
             raise CirkitError(f"{self.label}: query vectors have dim {q.shape[1]}, the index holds dim {self.manifest.dim}")
-        use_ann = self._use_ann(mode)
+        use_ann = self.uses_ann(mode)
         margin = 0
         todo = list(range(len(q)))
         results: dict[int, list[Hit]] = {}
@@ -273,12 +272,13 @@ class Index:
                 kept = [h for h in hits if h.id not in ban and h.image not in ban]
                 if len(kept) < k and len(hits) == kk and ban:
                     again.append(i)  # exclusions ate into the top-k: fetch deeper
-                results[i] = [Hit(r + 1, h.id, h.score, h.image, h.extra) for r, h in enumerate(kept[:k])]
+                results[i] = [Hit(r + 1, h.id, h.score, h.image) for r, h in enumerate(kept[:k])]
             todo = again
             margin = max(2 * margin, k)
         return [results[i] for i in range(len(q))]
 
-    def _use_ann(self, mode: str) -> bool:
+    def uses_ann(self, mode: str) -> bool:
+        """Whether a search in ``mode`` (auto | exact | ann) goes through the ANN index."""
         if mode not in ("auto", "exact", "ann"):
             raise CirkitError(f"unknown search mode {mode!r}; choose auto, exact or ann")
         if mode == "exact":
@@ -315,7 +315,8 @@ class Index:
         return [Hit(n + 1, ids[j], 1.0 - float(dist[j]), images[j]) for n, j in enumerate(order)]
 
     def count_cached(self) -> int:
-        if getattr(self, "_count", None) is None or self._count_version != self.version:
+        """Row count, re-read only when the table version moved (one LanceDB call per search otherwise)."""
+        if self._count is None or self._count_version != self.version:
             self._count, self._count_version = self.count(), self.version
         return self._count
 
@@ -557,19 +558,13 @@ def run(config: IndexConfig) -> StageResult:
             schema_fields = [("id", pa.string()), ("image", pa.string()), ("vector", pa.list_(pa.float32(), m.dim))]
             schema_fields += [(c, cols[c].type if cols[c].type != pa.null() else pa.string()) for c in meta_cols]
             schema = pa.schema(schema_fields, metadata={MANIFEST_KEY: json.dumps(m.to_dict())})
-            data = pa.table(
-                {
-                    "id": pa.array(ids, pa.string()),
-                    "image": pa.array(images, pa.string()),
-                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), m.dim),
-                    **{c: cols[c].cast(schema.field(c).type) for c in meta_cols},
-                },
-                schema=schema,
-            )
+            data = _rows_table(ids, images, vectors, m.dim, {c: cols[c].cast(schema.field(c).type) for c in meta_cols},
+                               schema)
             db.create_table(name, data=data) if len(ids) else db.create_table(name, schema=schema)
             counts["added"] = len(ids)
+            known = set(ids)
             for k in meta_rows:
-                if k not in set(ids):
+                if k not in known:
                     result.skip(k, "metadata for an id with no embedding")
         index = Index.open(uri, name, config.cache_dir)
 
@@ -667,15 +662,25 @@ def _update(index: Index, emb, meta_rows, meta_cols, config: IndexConfig, counts
         schema = index.table.schema
     dim = index.manifest.dim
     vec = np.stack([np.asarray(v[1], np.float32) for v in changed.values()])
-    src = pa.table(
-        {
-            "id": pa.array(list(changed), pa.string()),
-            "image": pa.array([v[0] for v in changed.values()], pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel(), pa.float32()), dim),
-            **{c: cols[c].cast(schema.field(c).type) for c in table_cols + new_cols},
-        }
-    )
+    src = _rows_table(list(changed), [v[0] for v in changed.values()], vec, dim,
+                      {c: cols[c].cast(schema.field(c).type) for c in table_cols + new_cols})
     index.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(src)
+
+
+def _rows_table(ids: list[str], images: list[str], vectors: np.ndarray, dim: int, columns: dict[str, Any],
+                schema=None):
+    """The Arrow table of index rows: id, image, fixed-size float32 vector, then metadata columns."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "image": pa.array(images, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors).ravel(), pa.float32()), dim),
+            **columns,
+        },
+        schema=schema,
+    )
 
 
 def _maybe_build_ann(index: Index, config: IndexConfig, counts: dict[str, int]) -> dict[str, Any] | None:
@@ -689,6 +694,10 @@ def _maybe_build_ann(index: Index, config: IndexConfig, counts: dict[str, int]) 
             return None
         return index.ann_info() if ix is not None else None
     if n < 256:
+        if ix is not None:  # an index trained earlier still serves 'auto' search
+            log.warning("%s: %d rows is too few to retrain the ANN index (needs 256); keeping the one built earlier",
+                        index.label, n)
+            return index.ann_info()
         log.warning("%s: %d rows is too few to train an ANN index (needs 256); searching exactly", index.label, n)
         return None
     params = ann_params(n, index.manifest.dim)
@@ -703,6 +712,9 @@ def _maybe_build_ann(index: Index, config: IndexConfig, counts: dict[str, int]) 
         kind = getattr(stats, "index_type", None)
         stale = stats is not None and stats.num_unindexed_rows > STALE_FRACTION * max(n, 1)
         if not stale and kind == config.index_type:
+            if config.num_partitions or config.num_sub_vectors:
+                log.warning("%s: the ANN index is current, so --num-partitions/--num-sub-vectors are ignored; "
+                            "run with --no-ann, then --ann, to rebuild it with them", index.label)
             return index.ann_info()
     from lancedb.index import HnswSq, IvfPq
 

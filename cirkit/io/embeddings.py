@@ -36,10 +36,11 @@ def _schema(dim: int, manifest: EmbeddingManifest):
     )
 
 
-def read_manifest_from_schema(schema, where: str) -> EmbeddingManifest:
+def read_manifest_from_schema(schema, where: str, made_by: str = "embed") -> EmbeddingManifest:
+    """The manifest kept in a Lance schema's metadata (stores by ``cirkit embed``, indexes by ``cirkit index``)."""
     meta = schema.metadata or {}
     if MANIFEST_KEY not in meta:
-        raise CirkitError(f"{where}: no cirkit manifest; was it written by 'cirkit embed'?")
+        raise CirkitError(f"{where}: no cirkit manifest; was it written by 'cirkit {made_by}'?")
     return EmbeddingManifest.from_dict(json.loads(meta[MANIFEST_KEY]), where)
 
 
