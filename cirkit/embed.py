@@ -56,8 +56,7 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
 
     from cirkit.backbones import load_backbone
     from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import default_workers, iter_image_batches
-    from cirkit.errors import ImageError
+    from cirkit.encode import decoded_batches, default_workers
     from cirkit.io.embeddings import EmbeddingStore
     from cirkit.records import EmbeddingManifest
     from cirkit.summary import Rate, make_progress
@@ -66,6 +65,8 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
         raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
     if config.output is None:
         raise CirkitError("no output: pass -o gallery.lance")
+    if config.batch_size < 1:
+        raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     result = StageResult("embed")
     with timed(result):
         items = gallery_items(config.input)
@@ -87,18 +88,14 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
         rate = Rate("img")
         with make_progress() as progress, torch.inference_mode():
             task = progress.add_task("embedding", total=len(todo), rate="")
-            for ids, batch, bad in iter_image_batches(todo, backbone.image_transform(), backbone.collate,
-                                                      config.batch_size, workers, backbone.decode_size):
-                if bad and config.strict:
-                    key, reason = bad[0]
-                    raise ImageError(path_of[key], reason)
-                for key, reason in bad:
-                    result.skip(str(path_of[key]), reason)
-                result.counts["failed"] += len(bad)
-                if ids:
-                    vecs = backbone.embed_images(batch).float().cpu().numpy()
-                    result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
-                progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
+            failed: list[tuple[str, str]] = []
+            for ids, batch in decoded_batches(backbone, todo, config.batch_size, workers, config.strict, failed,
+                                              progress, task, rate):
+                vecs = backbone.embed_images(batch).float().cpu().numpy()
+                result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+        for key, reason in failed:
+            result.skip(str(path_of[key]), reason)
+        result.counts["failed"] = len(failed)
         result.outputs = {"embeddings": str(config.output)}
         result.details = {"manifest": manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers}
     embedded = result.counts["embedded"]

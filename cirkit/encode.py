@@ -87,7 +87,8 @@ class Encoded:
     vectors: torch.Tensor | None = None
     failed: list[tuple[str, str]] = field(default_factory=list)
 
-    def index(self) -> dict[str, int]:
+    def row_of(self) -> dict[str, int]:
+        """Row of each id in ``vectors``."""
         return {k: i for i, k in enumerate(self.ids)}
 
 
@@ -97,15 +98,15 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-def _decoded_batches(backbone, items, batch_size, num_workers, strict, out: Encoded, progress, task, rate):
-    """Batches of decodable images with their ids; failures go to ``out.failed`` (or raise if strict)."""
+def decoded_batches(backbone, items, batch_size, num_workers, strict, failed: list, progress, task, rate):
+    """``(ids, batch)`` of decodable images, advancing ``progress``; failures go to ``failed`` (or raise if strict)."""
     workers = default_workers() if num_workers is None else num_workers
     for ids, batch, bad in iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers,
                                               backbone.decode_size):
         if bad and strict:
             key, reason = bad[0]
             raise ImageError(dict(items)[key], reason)
-        out.failed.extend(bad)
+        failed.extend(bad)
         if ids:
             yield ids, batch
         progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
@@ -129,7 +130,7 @@ def encode_images(
     embed = backbone.embed_image_queries if queries else backbone.embed_images
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(items), rate="")
-        for ids, batch in _decoded_batches(backbone, items, batch_size, num_workers, strict, out, progress, task, rate):
+        for ids, batch in decoded_batches(backbone, items, batch_size, num_workers, strict, out.failed, progress, task, rate):
             chunks.append(embed(batch).float().cpu())
             out.ids.extend(ids)
     out.vectors = torch.cat(chunks) if chunks else torch.empty(0, backbone.dim)
@@ -155,7 +156,8 @@ def encode_queries(
     rate = Rate("q")
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(queries), rate="")
-        for ids, batch in _decoded_batches(backbone, with_image, batch_size, num_workers, strict, out, progress, task, rate):
+        for ids, batch in decoded_batches(backbone, with_image, batch_size, num_workers, strict, out.failed, progress,
+                                          task, rate):
             v = backbone.embed_queries(batch, [text_of[k] or "" for k in ids]).float().cpu()
             vecs.update(zip(ids, v, strict=True))
         for i in range(0, len(text_only), batch_size):

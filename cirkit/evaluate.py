@@ -134,7 +134,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
                         description="embedding gallery")
     for key, reason in gal.failed:
         result.skip(key, reason)
-    row_of = gal.index()
+    row_of = gal.row_of()
 
     qitems, qkey = [], {}
     for n, (_split, task) in enumerate(loaded):
@@ -153,7 +153,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
         if mi == 0:
             for key, reason in qenc.failed:
                 result.skip(key.split("\x1f", 1)[1], f"reference image: {reason}")
-        qrow = qenc.index()
+        qrow = qenc.row_of()
         per_split: dict[str, dict[str, dict[str, float]]] = {}
         for n, (split, task) in enumerate(loaded):
             gids = [g for g, p in task.gallery.items() if str(p) in row_of]

@@ -95,7 +95,7 @@ def spec_for(config: QueryConfig, index) -> Any:
     )
 
 
-def _same_file(a: str | Path) -> str:
+def _resolved_path(a: str | Path) -> str:
     return str(Path(a).expanduser().resolve())
 
 
@@ -115,11 +115,13 @@ def run(config: QueryConfig) -> StageResult:
         raise ImageError(config.image, "no such file")
     if config.k < 1:
         raise CirkitError(f"--k must be at least 1, got {config.k}")
+    if config.batch_size < 1:
+        raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     timer = Timer()
     with timed(result):
         with timer("open_index"):
             index = open_index(config.index, config.table, config.cache_dir)
-            mode = "ann" if index._use_ann(config.search) else "exact"
+            mode = "ann" if index.uses_ann(config.search) else "exact"
         with timer("model_load"):
             backbone = load_backbone(spec_for(config, index))
         index.check_model(backbone.manifest(), "the query model")
@@ -168,7 +170,7 @@ def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: StageRe
     if not enc.ids:
         reason = enc.failed[0][1] if enc.failed else "could not be embedded"
         raise ImageError(ref or "query", reason)
-    exclude = [[_same_file(ref)]] if (config.exclude_reference and ref is not None) else None
+    exclude = [[_resolved_path(ref)]] if (config.exclude_reference and ref is not None) else None
     with timer("search"):
         hits = index.search(enc.vectors.numpy(), exclude=exclude, **_search_kwargs(config))[0]
     entry = {
@@ -218,7 +220,7 @@ def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: Stage
                 exclude = None
                 if config.exclude_reference:
                     exclude = [
-                        [x for x in (by_id[k].reference_id, _same_file(refs[k]) if refs[k] else None) if x]
+                        [x for x in (by_id[k].reference_id, _resolved_path(refs[k]) if refs[k] else None) if x]
                         for k in enc.ids
                     ]
                 with timer("search"):

@@ -96,3 +96,12 @@ def test_index_remembers_where_its_model_lives(photos, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     hits = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(str(hits)) and "red" in json.dumps(hits)
+    found = hits["details"]["hits"]
+    assert [h["rank"] for h in found] == [1, 2] and found[0]["score"] >= found[1]["score"]
+    assert {h["id"] for h in found} <= {p.relative_to(photos).with_suffix("").as_posix() for p in photos.rglob("*.*")}
+
+
+def test_batch_size_must_be_positive(photos, tmp_path):
+    res = CliRunner().invoke(app, ["embed", str(photos), "--backbone", "fake", "-o", str(tmp_path / "g.lance"),
+                                   "--batch-size", "0"])
+    assert res.exit_code == 1 and "--batch-size must be at least 1" in res.output
