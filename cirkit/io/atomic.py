@@ -14,6 +14,12 @@ from typing import Any
 from cirkit.errors import CirkitError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
@@ -21,6 +27,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; outputs get the usual file mode
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
             fh.flush()
@@ -52,6 +59,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     restore_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; outputs get the usual folder mode
         yield tmp
         old = None
         if path.exists():
@@ -68,9 +76,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def restore_dir(path: str | Path) -> bool:
     """Undo a swap that :func:`atomic_dir` started but a crash cut short; True if it restored one."""
     path = Path(path)
-    if path.exists() or not path.parent.is_dir():
+    if not path.parent.is_dir():
         return False
     aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if path.exists():  # the swap finished; a crash before the cleanup left the old copy behind
+        for stale in aside:
+            shutil.rmtree(stale, ignore_errors=True)
+        return False
     if not aside:
         return False
     os.replace(aside[-1], path)

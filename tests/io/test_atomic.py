@@ -58,3 +58,22 @@ def test_a_swap_cut_between_its_two_renames_is_restored(tmp_path):
     with atomic_dir(out) as tmp:  # the next save works as usual
         (tmp / "step").write_text("2")
     assert (out / "step").read_text() == "2"
+
+
+def test_outputs_get_the_usual_modes_and_stale_copies_go(tmp_path):
+    from cirkit.io import atomic_dir, atomic_write, restore_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "m.json") as fh:
+            fh.write("{}")
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            (tmp / "step").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    # a crash after the second rename leaves the old copy beside the new folder: it is removed
+    stale = tmp_path / ".ckpt.old-99"
+    stale.mkdir()
+    assert not restore_dir(tmp_path / "ckpt") and not stale.exists() and (tmp_path / "ckpt" / "step").exists()
