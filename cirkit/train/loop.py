@@ -408,8 +408,13 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], wher
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     unknown = [n for n in state if n not in params]
-    if missing or unknown:
-        raise CheckpointError(f"{where}: trainer state does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    reshaped = [f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}"
+                for n, t in state.items() if n in params and t.shape != params[n].shape]
+    if missing or unknown or reshaped:
+        shapes = f", shape {reshaped[:3]}" if reshaped else ""
+        raise CheckpointError(
+            f"{where}: trainer state does not fit the model (missing {missing[:3]}, unknown {unknown[:3]}{shapes})"
+        )
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)

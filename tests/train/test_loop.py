@@ -101,3 +101,30 @@ def test_ablation_switches(synth_dir, tmp_path):
     assert not any(k.startswith("ema.") for k in noema)
     assert not any(k.startswith("xattn.") for k in nox)
     assert json.loads((tmp_path / "nox" / "config.json").read_text())["cross_attn"] is False
+
+
+def test_trainer_state_of_the_wrong_shape_is_a_checkpoint_error_naming_the_folder(tmp_path):
+    from cirkit.errors import CheckpointError
+    from cirkit.train.loop import _load_trainable
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match=r"trainer_state: trainer state does not fit the model .*weight \(4, 3\) vs \(2, 3\)"):
+        _load_trainable(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(2)}, tmp_path / "trainer_state")
+    _load_trainable(model, {"weight": torch.ones(2, 3), "bias": torch.ones(2)}, tmp_path / "trainer_state")
+    assert model.weight.sum() == 6 and model.bias.sum() == 2
+
+
+def test_resume_from_a_trainer_state_that_does_not_fit_is_refused(synth_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from cirkit.errors import CheckpointError
+
+    cfg = tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2)
+    train(cfg, VitTrainPlugin(cfg), stop_at=1)
+    state_file = tmp_path / "s1" / "trainer_state" / "model.safetensors"
+    state = load_file(str(state_file))
+    state["logit_scale"] = torch.zeros(3)
+    save_file(state, str(state_file))
+    cfg.resume = True
+    with pytest.raises(CheckpointError, match="trainer_state: trainer state does not fit the model"):
+        train(cfg, VitTrainPlugin(cfg))
