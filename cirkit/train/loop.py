@@ -48,10 +48,12 @@ log = logging.getLogger("cirkit")
 
 STATE_DIR = "trainer_state"
 METRICS = "metrics.jsonl"
-# Settings that must be the same to continue a run exactly.
+# Settings that must be the same to continue a run exactly (a key the saved run lacks is not compared).
 RESUME_KEYS = ("backbone", "stage", "data", "init", "model", "pretrained", "max_steps", "epochs", "batch_size",
-               "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler", "seed", "cross_attn",
-               "cross_attn_layers", "ema", "ema_momentum")
+               "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler", "seed", "temperature",
+               "learn_temperature", "cross_attn", "cross_attn_layers", "ema", "ema_momentum", "lora_r",
+               "lora_alpha", "lora_dropout", "lora_target_modules", "full_finetune", "freeze_vision",
+               "target_image_loss", "max_length")
 
 
 # -- data order -------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
         state_dir = out / STATE_DIR
         if config.resume:
             meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-            _check_resume(config, out)
+            _check_resume(config, out, world)
             trainable = load_file(str(state_dir / "model.safetensors"))
             _load_trainable(model, trainable, state_dir)
             step = int(meta["step"])
@@ -393,12 +395,13 @@ def _check_output(out: Path, config: TrainConfig, main: bool = True) -> None:
         (out / METRICS).unlink()  # a run killed before its first save
 
 
-def _check_resume(config: TrainConfig, out: Path) -> None:
+def _check_resume(config: TrainConfig, out: Path, processes: int = 1) -> None:
     from cirkit.config import to_jsonable
 
     saved = json.loads((out / "train_args.json").read_text(encoding="utf-8"))
-    now = to_jsonable(config)
-    diff = [k for k in RESUME_KEYS if k in saved and saved[k] != now.get(k)]
+    # The process count shapes each step's global batch and the steps per epoch.
+    now = {**to_jsonable(config), "processes": processes}
+    diff = [k for k in (*RESUME_KEYS, "processes") if k in saved and saved[k] != now.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in diff)
         raise CirkitError(f"{out}: --resume needs the same settings as the interrupted run ({shown})")

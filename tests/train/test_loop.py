@@ -128,3 +128,45 @@ def test_resume_from_a_trainer_state_that_does_not_fit_is_refused(synth_dir, tmp
     cfg.resume = True
     with pytest.raises(CheckpointError, match="trainer_state: trainer state does not fit the model"):
         train(cfg, VitTrainPlugin(cfg))
+
+
+def test_resume_with_a_changed_setting_is_refused_with_the_setting_named(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2)
+    train(cfg, VitTrainPlugin(cfg), stop_at=1)
+    changed = tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2, resume=True, learn_temperature=False)
+    with pytest.raises(CirkitError, match=r"--resume needs the same settings .*learn_temperature: True -> False"):
+        train(changed, VitTrainPlugin(changed))
+
+
+@pytest.mark.parametrize("key, value", [("lora_r", 8), ("lora_alpha", 4), ("lora_dropout", 0.2),
+                                        ("lora_target_modules", ["q_proj"]), ("full_finetune", True),
+                                        ("freeze_vision", False), ("target_image_loss", True), ("max_length", 64),
+                                        ("temperature", 0.2), ("learn_temperature", False)])
+def test_resume_compares_the_settings_a_run_saved_and_only_those(tmp_path, key, value):
+    from cirkit.config import to_jsonable
+    from cirkit.train.loop import _check_resume
+    from cirkit.train.plugin import TrainConfig
+
+    saved = {**to_jsonable(TrainConfig(backbone="mllm", output=tmp_path)), "processes": 1}
+    (tmp_path / "train_args.json").write_text(json.dumps(saved))
+    now = TrainConfig(backbone="mllm", output=tmp_path, resume=True, **{key: value})
+    with pytest.raises(CirkitError, match=f"{key}: "):
+        _check_resume(now, tmp_path, 1)
+    # A checkpoint saved before the setting was recorded still resumes.
+    del saved[key]
+    (tmp_path / "train_args.json").write_text(json.dumps(saved))
+    _check_resume(now, tmp_path, 1)
+
+
+def test_resume_under_another_process_count_is_refused(tmp_path):
+    from cirkit.config import to_jsonable
+    from cirkit.train.loop import _check_resume
+    from cirkit.train.plugin import TrainConfig
+
+    cfg = TrainConfig(output=tmp_path)
+    (tmp_path / "train_args.json").write_text(json.dumps({**to_jsonable(cfg), "processes": 2}))
+    _check_resume(cfg, tmp_path, 2)
+    with pytest.raises(CirkitError, match=r"processes: 2 -> 1"):
+        _check_resume(cfg, tmp_path, 1)
+    (tmp_path / "train_args.json").write_text(json.dumps(to_jsonable(cfg)))  # saved without the count
+    _check_resume(cfg, tmp_path, 1)
