@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -544,7 +545,7 @@ def run(config: IndexConfig) -> StageResult:
         if _is_local(uri):
             _local_path(uri).mkdir(parents=True, exist_ok=True)
         db = lancedb.connect(uri)
-        exists = (_local_path(uri) / f"{name}.lance").exists() if _is_local(uri) else name in db.list_tables().tables
+        exists = _table_exists(db, uri, name)
         counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
 
         if not exists:
@@ -665,6 +666,20 @@ def _update(index: Index, emb, meta_rows, meta_cols, config: IndexConfig, counts
     src = _rows_table(list(changed), [v[0] for v in changed.values()], vec, dim,
                       {c: cols[c].cast(schema.field(c).type) for c in table_cols + new_cols})
     index.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(src)
+
+
+def _table_exists(db, uri: str, name: str) -> bool:
+    """Whether ``name`` is a committed table; a local one cut off while being created is removed."""
+    if not _is_local(uri):
+        return name in db.list_tables().tables
+    folder = _local_path(uri) / f"{name}.lance"
+    if not folder.exists():
+        return False
+    if any((folder / "_versions").glob("*.manifest")):
+        return True
+    log.warning("%s: removing table %r, cut off before its first commit; building it again", uri, name)
+    shutil.rmtree(folder)
+    return False
 
 
 def _rows_table(ids: list[str], images: list[str], vectors: np.ndarray, dim: int, columns: dict[str, Any],
