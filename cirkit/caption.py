@@ -39,7 +39,7 @@ from typing import Any
 
 from cirkit.errors import CirkitError, ImageError
 from cirkit.io.images import list_images
-from cirkit.io.jsonl import JsonlAppender, read_jsonl
+from cirkit.io.jsonl import JsonlAppender, iter_complete, read_jsonl
 from cirkit.records import Caption, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
@@ -86,18 +86,8 @@ def _parts(output: Path) -> list[Path]:
 
 def _ids_in(path: Path) -> set[str]:
     """Ids of complete lines (a torn last line, still being written or left by a crash, is ignored)."""
-    ids: set[str] = set()
-    if not path.exists():
-        return ids
-    data = path.read_bytes()
-    for line in data.split(b"\n")[:-1]:  # the piece after the last newline is incomplete
-        try:
-            obj = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(obj, dict) and "id" in obj:
-            ids.add(str(obj["id"]))
-    return ids
+    return {str(obj["id"]) for _, obj in iter_complete(path, skip_malformed=True)
+            if isinstance(obj, dict) and "id" in obj}
 
 
 def merge_parts(output: Path) -> int:
@@ -108,12 +98,7 @@ def merge_parts(output: Path) -> int:
     moved = 0
     with JsonlAppender(output) as writer:
         for part in parts:
-            data = part.read_bytes()
-            for line in data.split(b"\n")[:-1]:
-                try:
-                    obj = json.loads(line)
-                except (ValueError, UnicodeDecodeError):
-                    continue
+            for _, obj in iter_complete(part, skip_malformed=True):
                 if isinstance(obj, dict) and "id" in obj:
                     moved += writer.write(obj)
     for part in parts:  # only after everything is safely in the output
@@ -163,9 +148,8 @@ def _as_list(items: list[Any]) -> list[Any]:
 
 def _check_same_model(output: Path, model: str, prompt: str | None) -> None:
     for path in [output, *_parts(output)]:
-        if not path.exists() or not path.stat().st_size:
-            continue
-        for lineno, obj in read_jsonl(path):
+        # complete lines only: a torn first line (a crash during the first write) is cut on resume
+        for lineno, obj in iter_complete(path):
             if obj.get("model") not in (None, model) or (prompt is not None and obj.get("prompt") not in (None, prompt)):
                 raise CirkitError(
                     f"{path}:{lineno}: captions made with model {obj.get('model')!r} / another prompt; write to a "

@@ -81,6 +81,15 @@ def test_resume_writes_each_id_once(folder, llava, tmp_path):
         run(cfg(folder, out, llava, prompt="another prompt"))
 
 
+def test_resume_after_a_crash_during_the_first_write(folder, llava, tmp_path):
+    out = tmp_path / "c.jsonl"
+    out.write_bytes(b'{"id": "bags/im0", "ima')  # killed before the first line was complete
+    r = run(cfg(folder, out, llava))
+    ids = [c.id for c in read_records(out, Caption)]
+    assert r.counts["already_done"] == 0 and r.counts["captioned"] == len(COLOURS)
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == len(COLOURS)
+
+
 def test_blip_from_gallery_jsonl(folder, tmp_path):
     blip = str(build_tiny_blip(tmp_path / "blip"))
     gallery = folder / "gallery.jsonl"

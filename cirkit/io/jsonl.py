@@ -40,6 +40,36 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             fh.close()
 
 
+def iter_complete(path: str | Path, skip_malformed: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, value)`` for each complete non-blank line of an output being appended to.
+
+    Only newline-terminated lines count: a torn last line (still being written, or left by a
+    crash) is passed over, and so is a file not created yet. A complete line that is not UTF-8
+    JSON raises RecordError, or is passed over when ``skip_malformed``. Values are not checked
+    to be objects.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                return  # the torn tail: only the last line can lack its newline
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8").rstrip("\r\n"))  # columns count on this line
+            except UnicodeDecodeError as e:
+                if skip_malformed:
+                    continue
+                raise RecordError(path, lineno, f"not valid UTF-8 (byte {e.start}): save the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                if skip_malformed:
+                    continue
+                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            yield lineno, obj
+
+
 def read_records(path: str | Path, cls: type[R], unique: bool = True) -> list[R]:
     """Read a whole JSONL file of ``cls`` records; duplicate ids are an error when ``unique``."""
     out: list[R] = []
@@ -87,29 +117,31 @@ class JsonlAppender:
         self._fh = open(self.path, "ab")
 
     def _recover(self) -> None:
-        data = self.path.read_bytes()
-        good_end = 0
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            if nl == -1:
-                break  # torn last line: no newline, drop it
-            line = data[pos:nl]
-            if line.strip():
-                try:
-                    obj = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    lineno = data.count(b"\n", 0, pos) + 1
-                    raise RecordError(
-                        self.path, lineno, "malformed line in an output being resumed; fix or delete the file"
-                    ) from None
+        try:
+            for _, obj in iter_complete(self.path):
                 if isinstance(obj, dict) and self.key in obj:
                     self.done.add(str(obj[self.key]))
-            pos = nl + 1
-            good_end = pos
-        if good_end < len(data):
+        except RecordError as e:
+            raise RecordError(
+                self.path, e.line, "malformed line in an output being resumed; fix or delete the file"
+            ) from None
+        self._cut_torn_tail()
+
+    def _cut_torn_tail(self) -> None:
+        """Drop what follows the last newline: a line torn by a crash mid-write."""
+        with open(self.path, "rb") as fh:
+            end = pos = fh.seek(0, os.SEEK_END)
+            while pos > 0:  # scan back from the end: the torn part is at most one record long
+                step = min(pos, 1 << 16)
+                fh.seek(pos - step)
+                nl = fh.read(step).rfind(b"\n")
+                if nl != -1:
+                    pos += nl + 1 - step
+                    break
+                pos -= step
+        if pos < end:
             with open(self.path, "r+b") as fh:
-                fh.truncate(good_end)
+                fh.truncate(pos)
 
     def __contains__(self, key: object) -> bool:
         return str(key) in self.done

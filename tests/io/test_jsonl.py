@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cirkit.errors import CirkitError, RecordError
-from cirkit.io.jsonl import JsonlAppender, read_records, write_jsonl
+from cirkit.io.jsonl import JsonlAppender, iter_complete, read_records, write_jsonl
 from cirkit.records import Caption, Query, Triplet
 
 
@@ -84,6 +84,32 @@ def test_appender_refuses_to_resume_a_corrupt_middle_line(tmp_path):
     p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', "garbage", '{"id": "b"}'])
     with pytest.raises(RecordError, match=r"out.jsonl:2: malformed line"):
         JsonlAppender(p)
+
+
+def test_iter_complete_ignores_the_torn_tail(tmp_path):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', "", "[1, 2]", b'{"id": "b", "v'])
+    assert list(iter_complete(p)) == [(1, {"id": "a"}), (3, [1, 2])]
+    assert list(iter_complete(_write(tmp_path / "torn.jsonl", [b'{"id": "x", "ima']))) == []
+    assert list(iter_complete(tmp_path / "not-yet.jsonl")) == []
+
+
+def test_iter_complete_malformed_complete_line_raises_or_is_skipped(tmp_path):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', '{"id": "b",', b'caf\xe9\n', '{"id": "c"}'])
+    with pytest.raises(RecordError, match=r"out.jsonl:2: malformed JSON .* at column 12\)"):
+        list(iter_complete(p))
+    assert [obj["id"] for _, obj in iter_complete(p, skip_malformed=True)] == ["a", "c"]
+
+
+def test_appender_cuts_a_torn_first_line_and_a_long_torn_tail(tmp_path):
+    p = _write(tmp_path / "out.jsonl", [b'{"id": "a", "v'])
+    with JsonlAppender(p) as w:
+        assert not w.done and w.write({"id": "a"})
+    assert p.read_text() == '{"id": "a"}\n'
+    with open(p, "ab") as fh:  # a torn record longer than one backward-scan chunk
+        fh.write(b'{"id": "b", "v": "' + b"x" * 200_000)
+    with JsonlAppender(p) as w:
+        assert w.done == {"a"}
+    assert p.read_text() == '{"id": "a"}\n'
 
 
 def test_write_jsonl_is_atomic_and_complete(tmp_path):
