@@ -2,7 +2,7 @@
 
 Builds one tiny LLaVA (CLIP-style vision tower + Llama LLM, random weights, saved and
 reloaded through ``from_pretrained`` like any hub model), then trains it with
-:class:`cirkit.backbones.mllm.MllmTrainPlugin` twice, stage 2 (composed query vs target
+:class:`cirkit.train.mllm.MllmTrainPlugin` twice, stage 2 (composed query vs target
 caption), same data, same batches, same optimiser (AdamW):
 
 * ``lora``  rank ``--lora-r`` adapters on the LLM's q/k/v/o + MLP projections
@@ -68,7 +68,7 @@ def _rss_mb() -> float:
 def _measure(mode: str, model_dir: str, data: str, args: dict, queue) -> None:
     import torch
 
-    from cirkit.backbones.mllm import MllmTrainPlugin
+    from cirkit.train.mllm import MllmTrainPlugin
     from cirkit.train.plugin import TrainConfig
 
     torch.set_num_threads(args["threads"])

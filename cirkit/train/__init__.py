@@ -24,7 +24,7 @@ def plugin_for(config: TrainConfig) -> TrainPlugin:
 
         return VitTrainPlugin(config)
     if config.backbone == "mllm":
-        from cirkit.backbones.mllm import MllmTrainPlugin
+        from cirkit.train.mllm import MllmTrainPlugin
 
         return MllmTrainPlugin(config)
     raise CirkitError(f"cannot train backbone {config.backbone!r}; trainable backbones: {', '.join(TRAINABLE)}")

@@ -17,12 +17,12 @@ from cirkit.backbones.base import BackboneSpec  # noqa: E402
 from cirkit.backbones.mllm import (  # noqa: E402
     DEFAULT_TEMPLATES,
     MllmBackbone,
-    MllmTrainPlugin,
     Prompter,
     last_token_hidden,
     load_mllm_backbone,
 )
 from cirkit.errors import CheckpointError, CirkitError  # noqa: E402
+from cirkit.train.mllm import MllmTrainPlugin  # noqa: E402
 from cirkit.train.plugin import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
