@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -146,6 +148,25 @@ def _measure(mode: str, model_dir: str, data: str, args: dict, queue) -> None:
     })
 
 
+def _in_child(mode: str, model_dir: str, data: str, args: dict) -> dict:
+    """Run one measurement in a fresh process (clean peak memory); a crashed child ends the benchmark."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(mode, model_dir, data, args, q))
+    p.start()
+    while True:
+        try:
+            row = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                sys.exit(f"{mode} run failed (exit {p.exitcode})")
+    p.join()
+    if p.exitcode:
+        sys.exit(f"{mode} run failed (exit {p.exitcode})")
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512, help="LLM and vision width")
@@ -162,20 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
     from cirkit.backbones.mllm_demo import build_tiny_llava
 
     tmp = Path(tempfile.mkdtemp(prefix="lora-vs-full-"))
-    model_dir = build_tiny_llava(tmp / "model", hidden=a.hidden, layers=a.layers, image_size=64, patch_size=16)
-    data = _data(tmp / "data", 64)
-    args = {"batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, "lora_r": a.lora_r,
-            "threads": a.threads, "checkpointing": a.checkpointing}
-    ctx = mp.get_context("spawn")
-    rows = {}
-    for mode in ("full", "lora"):
-        q = ctx.Queue()
-        p = ctx.Process(target=_measure, args=(mode, str(model_dir), str(data), args, q))
-        p.start()
-        rows[mode] = q.get()
-        p.join()
-        if p.exitcode:
-            sys.exit(f"{mode} run failed (exit {p.exitcode})")
+    try:
+        model_dir = build_tiny_llava(tmp / "model", hidden=a.hidden, layers=a.layers, image_size=64, patch_size=16)
+        data = _data(tmp / "data", 64)
+        args = {"batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, "lora_r": a.lora_r,
+                "threads": a.threads, "checkpointing": a.checkpointing}
+        rows = {mode: _in_child(mode, str(model_dir), str(data), args) for mode in ("full", "lora")}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     lora, full = rows["lora"], rows["full"]
     print(f"tiny LLaVA: hidden {a.hidden}, {a.layers} layers, {full['total_params']:,} params; stage 2, batch {a.batch_size}, "
           f"{a.steps} timed steps on {full['device']}")
