@@ -44,7 +44,7 @@ def main(
     logger.propagate = False
 
 
-# Register only stages that work. Each module defines one function named like the command.
+# One module per stage, each defining one function named like the command.
 from cirkit.cli import caption as _caption  # noqa: E402
 from cirkit.cli import embed as _embed  # noqa: E402
 from cirkit.cli import evaluate as _evaluate  # noqa: E402
