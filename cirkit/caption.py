@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cirkit.errors import CirkitError, ImageError
+from cirkit.errors import CirkitError, ImageError, RecordError
 from cirkit.io.images import list_images
 from cirkit.io.jsonl import JsonlAppender, iter_complete, read_jsonl
 from cirkit.records import Caption, resolve_path
@@ -150,6 +150,8 @@ def _check_same_model(output: Path, model: str, prompt: str | None) -> None:
     for path in [output, *_parts(output)]:
         # complete lines only: a torn first line (a crash during the first write) is cut on resume
         for lineno, obj in iter_complete(path):
+            if not isinstance(obj, dict):
+                raise RecordError(path, lineno, "expected a JSON object")
             if obj.get("model") not in (None, model) or (prompt is not None and obj.get("prompt") not in (None, prompt)):
                 raise CirkitError(
                     f"{path}:{lineno}: captions made with model {obj.get('model')!r} / another prompt; write to a "

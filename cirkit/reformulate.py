@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cirkit.errors import CirkitError
+from cirkit.errors import CirkitError, RecordError
 from cirkit.io.jsonl import JsonlAppender, read_jsonl, read_records
 from cirkit.records import Caption, Triplet, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
@@ -368,6 +368,8 @@ def _check_same_generator(paths: list[Path], generator: dict[str, Any]) -> None:
         if not path.exists() or not path.stat().st_size:
             continue
         for lineno, obj in read_jsonl(path):
+            if not isinstance(obj, dict):
+                raise RecordError(path, lineno, "expected a JSON object")
             prev = obj.get("generator") or {}
             for key in ("type", "model", "prompt", "pairing"):
                 if key in prev and prev.get(key) != generator.get(key):
@@ -445,7 +447,9 @@ def run(config: ReformulateConfig) -> StageResult:
             if config.generator == "llm" and todo:  # nothing left to write: no model to load
                 lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code)
             accepted = set()
-            for _, obj in read_jsonl(out) if out.stat().st_size else ():
+            for lineno, obj in read_jsonl(out) if out.stat().st_size else ():
+                if not isinstance(obj, dict):
+                    raise RecordError(out, lineno, "expected a JSON object")
                 accepted.add((obj.get("reference"), normalize(obj.get("instruction", ""))))
 
             prefix = None

@@ -90,6 +90,15 @@ def test_resume_after_a_crash_during_the_first_write(folder, llava, tmp_path):
     assert sorted(ids) == sorted(set(ids)) and len(ids) == len(COLOURS)
 
 
+def test_resuming_an_output_of_non_objects_is_a_user_error(folder, llava, tmp_path):
+    from cirkit.errors import RecordError
+
+    out = tmp_path / "c.jsonl"
+    out.write_text("[1, 2]\n")
+    with pytest.raises(RecordError, match=r"c.jsonl:1: expected a JSON object"):
+        run(cfg(folder, out, llava))
+
+
 def test_blip_from_gallery_jsonl(folder, tmp_path):
     blip = str(build_tiny_blip(tmp_path / "blip"))
     gallery = folder / "gallery.jsonl"

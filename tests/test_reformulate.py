@@ -135,6 +135,20 @@ def test_template_run_filters_and_resumes(captions_file, tmp_path):
     assert len(ids) == len(set(ids)) and set(t.id for t in trips) <= set(ids)
 
 
+def test_resuming_an_output_of_non_objects_is_a_user_error(captions_file, tmp_path):
+    from cirkit.errors import RecordError
+
+    out = tmp_path / "t.jsonl"
+    cfg = ReformulateConfig(captions=captions_file, output=out, generator="template", count=4)
+    out.write_text("[1, 2]\n")
+    with pytest.raises(RecordError, match=r"t.jsonl:1: expected a JSON object"):
+        run(cfg)
+    trip = {"id": "x__y", "reference": "x.png", "instruction": "make it blue", "target": "y.png"}
+    out.write_text(json.dumps(trip) + "\n" + '"just a string"\n')  # the first line passes the generator check
+    with pytest.raises(RecordError, match=r"t.jsonl:2: expected a JSON object"):
+        run(cfg)
+
+
 def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
     from cirkit.generation import build_tiny_causal_lm
 
