@@ -26,6 +26,7 @@ are embedded with the target encoder, which is what the queries were trained aga
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -242,7 +243,7 @@ class VitCir(nn.Module):
 
     def compose(self, images: torch.Tensor, tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Combiner output; ``frozen`` computes the backbone without autograd (combiner stage)."""
-        with torch.no_grad() if frozen else _nullcontext():
+        with torch.no_grad() if frozen else contextlib.nullcontext():
             t, feats, pad = self.encode_text(tokens)
             q = self.predictor(self.encode_image(images, feats, pad), t)
         return self.combiner(q, t)
@@ -260,14 +261,6 @@ class VitCir(nn.Module):
         if task == "compose":
             return self.compose(images, tokens, frozen=True)
         raise ValueError(f"unknown task {task!r}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _heads(block: nn.Module) -> int:
@@ -311,7 +304,7 @@ def _embed_dim(clip) -> int:
     return int(v.output_dim)
 
 
-def checkpoint_config(model: VitCir, **extra: Any) -> dict[str, Any]:
+def config_json(model: VitCir, **extra: Any) -> dict[str, Any]:
     """``config.json`` contents for a vit checkpoint folder (``weights_id`` comes with ``extra``)."""
     import open_clip
 
@@ -348,7 +341,7 @@ def save_checkpoint(model: VitCir, folder: Path, ema: VitCir | None = None, **ex
         digest.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     extra.setdefault("weights_id", digest.hexdigest()[:12])
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "backbone": "vit"})
-    atomic_write_json(Path(folder) / "config.json", checkpoint_config(model, has_ema=ema is not None, **extra))
+    atomic_write_json(Path(folder) / "config.json", config_json(model, has_ema=ema is not None, **extra))
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -462,9 +455,9 @@ def _dtype(precision: str | None, device: torch.device) -> torch.dtype:
 
 def load_vit_backbone(spec: BackboneSpec) -> VitBackbone:
     """A VitBackbone from a checkpoint folder, or an untrained one from an open_clip name + weights."""
-    from cirkit.backbones import checkpoint_config as read_cfg
+    from cirkit.backbones import checkpoint_config
 
-    if spec.model and read_cfg(spec.model) is not None:
+    if spec.model and checkpoint_config(spec.model) is not None:
         model, ema, preprocess, tokenizer, cfg = load_model(spec.model)
         return VitBackbone(spec, model, ema, preprocess, tokenizer, cfg)
     if spec.model and Path(spec.model).is_dir():
