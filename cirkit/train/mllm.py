@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cirkit.backbones.base import normalize
 from cirkit.backbones.mllm import (
     ADAPTER_CONFIG,
     DEFAULT_TEMPLATES,
@@ -83,22 +84,18 @@ class MllmTrainModel(torch.nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.logit_scale.device
         q_kind, q_enc = batch["query"]
-        q = _norm(forward_embed(self.model, q_kind, inputs_to(q_enc, device)))
-        c = _norm(forward_embed(self.model, "text", inputs_to(batch["caption"], device)))
+        q = normalize(forward_embed(self.model, q_kind, inputs_to(q_enc, device)))
+        c = normalize(forward_embed(self.model, "text", inputs_to(batch["caption"], device)))
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         same = batch["same"].to(device)
         loss, acc = _info_nce(q, c, scale, same)
         logs = {"acc": acc, "temperature": float(1.0 / scale.detach())}
         if self.target_image_loss and batch.get("target") is not None:
-            t = _norm(forward_embed(self.model, "image", inputs_to(batch["target"], device)))
+            t = normalize(forward_embed(self.model, "image", inputs_to(batch["target"], device)))
             loss_t, acc_t = _info_nce(q, t, scale, batch["same_target"].to(device))
             logs.update(loss_caption=float(loss.detach()), loss_image=float(loss_t.detach()), acc_image=acc_t)
             loss = (loss + loss_t) / 2
         return loss, logs
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, float]:
