@@ -18,8 +18,6 @@ import torch
 
 from cirkit.errors import CirkitError
 
-CHECKPOINT_FILES = ("config.json", "train_args.json")  # plus model.safetensors or adapter files
-
 
 @dataclass
 class TrainConfig:
