@@ -121,7 +121,7 @@ class VitTrainPlugin(TrainPlugin):
             model.requires_grad_(True)
             model.combiner.requires_grad_(False)
             if not self.config.train_text_encoder:
-                _text_tower(model.clip).requires_grad_(False)
+                _freeze_text_tower(model.clip)
         else:
             model.combiner.requires_grad_(True)
             model.logit_scale.requires_grad_(True)
@@ -225,19 +225,17 @@ class VitTrainPlugin(TrainPlugin):
                         init=str(self.config.init) if self.config.init else None)
 
 
-def _text_tower(clip) -> torch.nn.Module:
+def _freeze_text_tower(clip) -> None:
+    """Stop gradients to the CLIP text encoder (open_clip's ``CustomTextCLIP`` or plain ``CLIP``)."""
     if hasattr(clip, "text"):
-        return clip.text
-    mods = torch.nn.ModuleList([clip.transformer, clip.token_embedding, clip.ln_final])
-    if isinstance(clip.text_projection, torch.nn.Module):
-        mods.append(clip.text_projection)
-    holder = torch.nn.Module()
-    holder.mods = mods
-    if isinstance(clip.positional_embedding, torch.nn.Parameter):
-        clip.positional_embedding.requires_grad_(False)
-    if isinstance(clip.text_projection, torch.nn.Parameter):
-        clip.text_projection.requires_grad_(False)
-    return holder
+        clip.text.requires_grad_(False)
+        return
+    for mod in (clip.transformer, clip.token_embedding, clip.ln_final, clip.text_projection):
+        if isinstance(mod, torch.nn.Module):
+            mod.requires_grad_(False)
+    for p in (clip.positional_embedding, clip.text_projection):
+        if isinstance(p, torch.nn.Parameter):
+            p.requires_grad_(False)
 
 
 def _check_init_compatible(config: TrainConfig, settings: dict[str, Any], where: str, n_blocks: int) -> None:
