@@ -165,7 +165,8 @@ def test_ids_with_path_separators_stay_data(tmp_path):
     summary = ok(["evaluate", "generic", "-d", str(bench), "-b", "fake", "--submission", str(subs),
                   "-o", str(tmp_path / "work" / "out" / "metrics.json"), "--num-workers", "0"])
     assert summary["metrics"]["composed/test/R@1"] == pytest.approx(100.0)  # the blue target, found by its id
-    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "bench" not in p.parts)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                   if p.is_file() and "bench" not in p.relative_to(tmp_path).parts)
     assert files == [Path("work/out/metrics.json"), Path("work/out/subs/generic-test-rankings.jsonl")]
     rec = json.loads((subs / "generic-test-rankings.jsonl").read_text())
     assert rec["id"] == "../../../q1" and rec["hits"][0]["id"] == "../../blue"
@@ -180,7 +181,7 @@ def test_submission_files_never_escape_the_output_folder(tmp_path, meta):
     line = fails(["evaluate", "generic", "-d", str(bench), "-b", "fake", "--split", split, "--submission", str(subs),
                   "--num-workers", "0"])
     assert "escapes the output folder" in line and str(subs.resolve()) in line
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and "bench" not in p.parts]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "bench" not in p.relative_to(tmp_path).parts]
     assert written == []
     assert not list(Path("/tmp").glob("evil*rankings.jsonl"))
 
