@@ -174,17 +174,19 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _load_error(model: str, e: Exception, what: str) -> CirkitError:
+_MODEL_HINT = "pass a hub id or a local folder with config.json"
+_GGUF_HINT = "pass a hub id, a local folder with config.json, or a .gguf file with --gguf-file"
+
+
+def _load_error(model: str, e: Exception, what: str, hint: str = _MODEL_HINT) -> CirkitError:
+    """A one-line user error for a model that failed to load; ``hint`` says what to pass instead."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e):
         return CirkitError(f"{model}: this {what} needs custom code from its repository; "
                            f"re-run with --trust-remote-code if you trust it")
     if isinstance(e, ImportError):
         return CirkitError(f"{model}: a package this {what} needs is missing ({msg})")
-    return CirkitError(
-        f"cannot load {what} {model!r} ({msg}); pass a hub id, a local folder with config.json, "
-        f"or a .gguf file with --gguf-file"
-    )
+    return CirkitError(f"cannot load {what} {model!r} ({msg}); {hint}")
 
 
 # --------------------------------------------------------------------------- causal LMs
@@ -239,7 +241,7 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
         tok = AutoTokenizer.from_pretrained(model, **kw)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=_dtype_for(dev, dtype), **kw)
     except (OSError, ValueError, ImportError, KeyError) as e:
-        raise _load_error(f"{model}/{gguf_file}" if gguf_file else model, e, "language model") from None
+        raise _load_error(f"{model}/{gguf_file}" if gguf_file else model, e, "language model", _GGUF_HINT) from None
     _prepare_tokenizer(tok)
     lm.to(dev).eval()
     if lm.generation_config.pad_token_id is None:

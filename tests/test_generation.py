@@ -101,6 +101,12 @@ def test_missing_model_is_a_user_error(tmp_path):
         load_causal_lm(str(tmp_path / "nope"), device="cpu")
     with pytest.raises(CirkitError, match="captioning model"):
         load_captioner(str(tmp_path / "nope"), device="cpu")
+    # --gguf-file is an option of reformulate only: caption's message must not suggest it
+    with pytest.raises(CirkitError, match="--gguf-file"):
+        load_causal_lm(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(CirkitError) as e:
+        load_captioner(str(tmp_path / "nope"), device="cpu")
+    assert "gguf" not in str(e.value) and str(e.value).endswith("pass a hub id or a local folder with config.json")
 
 
 def test_text_only_model_cannot_caption(tmp_path):
