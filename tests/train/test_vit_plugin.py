@@ -44,3 +44,38 @@ def test_freeze_text_encoder_stops_gradients_to_the_text_tower_only(synth_dir, t
     assert all(p.requires_grad for n, p in params.items() if n.startswith(("clip.visual.", "xattn.", "predictor.")))
     trained = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "out2", stage=2)).build()
     assert all(p.requires_grad for n, p in trained.named_parameters() if n in text)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.norm = torch.nn.BatchNorm1d(2)
+
+
+def test_ema_update_is_momentum_times_target_plus_the_rest_times_online(synth_dir, tmp_path):
+    m = 0.9
+    plugin = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "out", stage=2, ema_momentum=m))
+    torch.manual_seed(0)
+    online, target = _Tiny(), _Tiny()
+    online.norm.running_mean.fill_(3.0)
+    plugin.target = target
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    wrapped = torch.nn.Module()
+    wrapped.module = online  # the loop may hand over a DDP-style wrapper
+    for model in (online, wrapped):
+        plugin.after_step(model, 1)
+        for n, o in online.named_parameters():
+            want = m * before[n] + (1 - m) * o.detach()
+            torch.testing.assert_close(dict(target.named_parameters())[n], want)
+            before[n] = want
+    assert torch.equal(target.norm.running_mean, online.norm.running_mean)  # buffers are copied
+
+
+def test_no_ema_update_without_ema_or_in_stage_1(synth_dir, tmp_path):
+    for kw in ({"stage": 2, "ema": False}, {"stage": 1}):
+        plugin = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "out", **kw))
+        plugin.target = target = _Tiny()
+        before = [p.detach().clone() for p in target.parameters()]
+        plugin.after_step(_Tiny(), 1)
+        assert all(torch.equal(p, q) for p, q in zip(target.parameters(), before, strict=True))
