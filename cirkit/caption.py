@@ -169,7 +169,7 @@ def run(config: CaptionConfig) -> StageResult:
     from cirkit.encode import default_workers, iter_image_batches
     from cirkit.generation import GenerationSettings, caption_images, load_captioner, process_info, shard_of
 
-    settings = GenerationSettings(config.max_new_tokens, config.temperature, config.top_p, config.num_beams, config.seed)
+    settings = GenerationSettings.from_config(config)
     settings.validate()
     if config.batch_size < 1:
         raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")

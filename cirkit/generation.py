@@ -45,6 +45,12 @@ class GenerationSettings:
     num_beams: int = 1
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, config: Any) -> GenerationSettings:
+        """The decoding settings of a stage config (``CaptionConfig``, ``ReformulateConfig``)."""
+        return cls(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                   num_beams=config.num_beams, seed=config.seed)
+
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise CirkitError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")

@@ -394,8 +394,7 @@ def run(config: ReformulateConfig) -> StageResult:
 
     config.validate()
     result = StageResult("reformulate")
-    settings = GenerationSettings(config.max_new_tokens, config.temperature, config.top_p, config.num_beams,
-                                  config.seed)
+    settings = GenerationSettings.from_config(config)
     settings.validate()
     captions_path = Path(config.captions)
     out = Path(config.output)

@@ -96,6 +96,15 @@ def test_settings_kwargs_and_validation():
             bad.validate()
 
 
+def test_settings_from_stage_configs():
+    from cirkit.caption import CaptionConfig
+    from cirkit.reformulate import ReformulateConfig
+
+    c = CaptionConfig(max_new_tokens=7, temperature=0.5, top_p=0.9, num_beams=2, seed=11)
+    assert GenerationSettings.from_config(c) == GenerationSettings(7, 0.5, 0.9, 2, 11)
+    assert GenerationSettings.from_config(ReformulateConfig()).max_new_tokens == ReformulateConfig().max_new_tokens
+
+
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(CirkitError, match="cannot load language model"):
         load_causal_lm(str(tmp_path / "nope"), device="cpu")
