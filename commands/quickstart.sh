@@ -5,7 +5,7 @@
 #   synth -> caption --from -> reformulate (SmolLM2) -> train stage 1 -> train stage 2 -> combiner
 #         -> embed gallery -> index -> query (HTML contact sheet) -> evaluate vs baselines
 #
-# Usage:  commands/quickstart.sh [OUT]            (default OUT=runs/quickstart; ~15 min on 2 cores)
+# Usage:  commands/quickstart.sh [OUT]            (default OUT=runs/quickstart; ~8 min on 2 cores)
 # Env:    PAIRS (256) SmolLM2 reformulations, S1_STEPS (600), S2_STEPS (400), COMB_STEPS (150),
 #         RECIPE (recipes/vit-synth-cpu.yaml), SYNTH_ARGS (extra `cirkit synth` flags),
 #         TRAIN_ARGS (extra `cirkit train` flags), CIRKIT (command, default `cirkit`).
@@ -16,10 +16,8 @@ PAIRS=${PAIRS:-256}
 S1_STEPS=${S1_STEPS:-600}
 S2_STEPS=${S2_STEPS:-400}
 COMB_STEPS=${COMB_STEPS:-150}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 RECIPE=${RECIPE:-$HERE/recipes/vit-synth-cpu.yaml}
-CIRKIT=${CIRKIT:-cirkit}
-export HF_HUB_OFFLINE=1
 # Oversubscribed torch threads spin on shared CPUs; two threads suit a 2-core machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
@@ -38,8 +36,7 @@ $CIRKIT reformulate "$OUT/captions.jsonl" -o "$OUT/triplets.jsonl" \
 
 train() {  # train NAME ARGS...: a saved run (finished or interrupted) continues with --resume
   local name=$1; shift
-  local resume=(); [ -f "$OUT/$name/trainer_state/state.json" ] && resume=(--resume)
-  $CIRKIT train -c "$RECIPE" -o "$OUT/$name" "$@" ${TRAIN_ARGS:-} "${resume[@]}"
+  train_resumable "$OUT/$name" -c "$RECIPE" "$@" ${TRAIN_ARGS:-}
 }
 step "4/9 train stage 1: image-caption contrastive, from scratch"
 train stage1 "$OUT/captions.jsonl" --stage 1 --max-steps "$S1_STEPS"

@@ -14,10 +14,9 @@ QS=${1:-runs/quickstart}
 S2_STEPS=${S2_STEPS:-400}
 COMB_STEPS=${COMB_STEPS:-150}
 BATCH=${BATCH:-32}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 RECIPE=${RECIPE:-$HERE/recipes/vit-synth-cpu.yaml}
-CIRKIT=${CIRKIT:-cirkit}
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=$QS/sources
 mkdir -p "$OUT"
 [ -f "$QS/model/config.json" ] || { echo "run commands/quickstart.sh $QS first" >&2; exit 1; }
@@ -33,8 +32,7 @@ $CIRKIT -q reformulate "$QS/captions.jsonl" -o "$OUT/triplets-template.jsonl" \
 
 train() {  # train NAME ARGS...
   local name=$1; shift
-  local resume=(); [ -f "$OUT/$name/trainer_state/state.json" ] && resume=(--resume)
-  $CIRKIT -q train -c "$RECIPE" -o "$OUT/$name" --batch-size "$BATCH" "$@" "${resume[@]}" > /dev/null
+  train_resumable "$OUT/$name" -c "$RECIPE" --batch-size "$BATCH" "$@" > /dev/null
 }
 for src in smollm2 template exact; do
   case $src in smollm2) data=$QS/triplets.jsonl ;; template) data=$OUT/triplets-template.jsonl ;; exact) data=$EXACT ;; esac
