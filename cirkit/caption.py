@@ -32,7 +32,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 from cirkit.errors import CirkitError, ImageError, RecordError
 from cirkit.io.images import list_images
 from cirkit.io.jsonl import JsonlAppender, iter_complete, read_jsonl
-from cirkit.records import Caption, resolve_path
+from cirkit.records import Caption, relative_path, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
@@ -104,13 +103,6 @@ def merge_parts(output: Path) -> int:
     for part in parts:  # only after everything is safely in the output
         part.unlink(missing_ok=True)
     return moved
-
-
-def _rel(path: Path, out_dir: Path) -> str:
-    try:
-        return os.path.relpath(Path(path).resolve(), out_dir.resolve())
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def _inputs(images: Path) -> list[tuple[str, Path, str | None]]:
@@ -210,8 +202,9 @@ def run(config: CaptionConfig) -> StageResult:
                     texts = caption_images(cap, images, prompt, settings)
                     for key, text in zip(ids, texts, strict=True):
                         empty += not text.strip()
-                        writer.write(Caption(id=key, image=_rel(paths[key], out_dir), caption=text, model=cap.model_id,
-                                             prompt=prompt, settings=settings.to_dict(), group=group_of.get(key)))
+                        writer.write(Caption(id=key, image=relative_path(paths[key], out_dir), caption=text,
+                                             model=cap.model_id, prompt=prompt, settings=settings.to_dict(),
+                                             group=group_of.get(key)))
                         captioned += 1
                 progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
         proc.wait()
@@ -285,8 +278,9 @@ def import_captions(source: Path, output: Path, strict: bool = False) -> StageRe
                 extra = {k: v for k, v in row.items() if k not in ("id", "image", "caption", "model", "prompt",
                                                                    "settings", "group") and v not in (None, "")}
                 imported += writer.write(Caption(
-                    id=key, image=_rel(path, out_dir), caption=str(text), model=str(row.get("model") or "imported"),
-                    prompt=row.get("prompt") or None, settings=row.get("settings") or None,
+                    id=key, image=relative_path(path, out_dir), caption=str(text),
+                    model=str(row.get("model") or "imported"), prompt=row.get("prompt") or None,
+                    settings=row.get("settings") or None,
                     group=None if row.get("group") in (None, "") else str(row["group"]),
                     extra={**extra, "imported_from": str(source)},
                 ))

@@ -17,6 +17,7 @@ user's own metadata survives every stage.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -223,6 +224,20 @@ def resolve_path(value: str, base_dir: str | Path) -> Path:
     """Resolve an image path from a JSONL record relative to that file's folder."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else Path(base_dir) / p
+
+
+def relative_path(path: str | Path, base_dir: str | Path) -> str:
+    """``path`` as written in a JSONL file in ``base_dir``: relative to it, the inverse of :func:`resolve_path`.
+
+    Both sides are resolved first: a ``..`` after a symlinked folder climbs from the link's
+    target when the OS opens the path, so a purely textual relative path could point
+    elsewhere. Across Windows drives, where no relative path exists, the absolute path.
+    """
+    p = Path(path).resolve()
+    try:
+        return os.path.relpath(p, Path(base_dir).resolve())
+    except ValueError:  # different drives on Windows
+        return str(p)
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

@@ -33,7 +33,6 @@ words out), preceded by three worked examples as chat turns (:data:`DEFAULT_EXAM
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from collections import defaultdict
@@ -43,7 +42,7 @@ from typing import Any
 
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.jsonl import JsonlAppender, read_jsonl, read_records
-from cirkit.records import Caption, Triplet, resolve_path
+from cirkit.records import Caption, Triplet, relative_path, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
@@ -380,14 +379,6 @@ def _check_same_generator(paths: list[Path], generator: dict[str, Any]) -> None:
             break
 
 
-def _rel(image: str, src_dir: Path, out_dir: Path) -> str:
-    p = resolve_path(image, src_dir)
-    try:
-        return os.path.relpath(p, out_dir)
-    except ValueError:  # different drives on Windows
-        return str(p.resolve())
-
-
 def run(config: ReformulateConfig) -> StageResult:
     """Pair captions, generate instructions, filter them and append triplets (resumable)."""
     from cirkit.generation import GenerationSettings
@@ -424,7 +415,7 @@ def run(config: ReformulateConfig) -> StageResult:
         system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
         examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
             if config.prompt is None else []
-        src_dir, out_dir = captions_path.parent, out.parent
+        src_dir, out_dir = captions_path.parent, out.parent.resolve()
         counts = {"generated": 0, "written": 0, **{f"rejected_{f}": 0 for f in FILTERS}}
         with JsonlAppender(out) as writer, JsonlAppender(rej) as rejected:
             todo = [(i, j) for i, j in pairs
@@ -482,7 +473,7 @@ def run(config: ReformulateConfig) -> StageResult:
                         counts["generated"] += 1
                         instruction = clean_output(text)
                         reason = check(instruction, ref.caption, tgt.caption, config.max_words)
-                        ref_img = _rel(ref.image, src_dir, out_dir)
+                        ref_img = relative_path(resolve_path(ref.image, src_dir), out_dir)
                         key = (ref_img, normalize(instruction))
                         if reason is None and key in accepted:
                             reason = "duplicate"
@@ -497,8 +488,8 @@ def run(config: ReformulateConfig) -> StageResult:
                         accepted.add(key)
                         writer.write(Triplet(
                             id=tid, reference=ref_img, instruction=instruction,
-                            target=_rel(tgt.image, src_dir, out_dir), reference_caption=ref.caption,
-                            target_caption=tgt.caption, source=f"reformulate-{config.generator}",
+                            target=relative_path(resolve_path(tgt.image, src_dir), out_dir),
+                            reference_caption=ref.caption, target_caption=tgt.caption, source=f"reformulate-{config.generator}",
                             generator=generator, extra={"reference_id": ref.id, "target_id": tgt.id},
                         ))
                         counts["written"] += 1

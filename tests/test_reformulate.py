@@ -135,6 +135,24 @@ def test_template_run_filters_and_resumes(captions_file, tmp_path):
     assert len(ids) == len(set(ids)) and set(t.id for t in trips) <= set(ids)
 
 
+def test_image_paths_stay_right_through_a_symlinked_output_folder(captions_file, tmp_path):
+    real = tmp_path / "deep" / "er"
+    real.mkdir(parents=True)
+    link = tmp_path / "link"
+    try:
+        link.symlink_to(real, target_is_directory=True)
+    except OSError:
+        pytest.skip("no symlinks here")
+    out = link / "t.jsonl"
+    run(ReformulateConfig(captions=captions_file, output=out, generator="template", count=6))
+    where = {i: (captions_file.parent / p).resolve() for i, p, _ in CAPTIONS}
+    trips = read_records(out, Triplet)
+    assert trips
+    for t in trips:  # "../x" after a symlink climbs from the link's target, as the OS resolves it
+        assert (out.parent / t.reference).resolve() == where[t.extra["reference_id"]]
+        assert (out.parent / t.target).resolve() == where[t.extra["target_id"]]
+
+
 def test_resuming_an_output_of_non_objects_is_a_user_error(captions_file, tmp_path):
     from cirkit.errors import RecordError
 
