@@ -213,12 +213,21 @@ class LoadedLM:
         return {"model": self.model_id, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
 
 
-def _prepare_tokenizer(tok) -> None:
+def _prepare_for_batching(model, tok, need_pad: bool = True) -> None:
+    """Left padding, a pad token (eos if none) and the model's default pad id for batched ``generate``.
+
+    ``need_pad``: without a pad or eos token, fail (prompts of different lengths cannot be
+    batched) rather than leave the tokenizer as it is.
+    """
     tok.padding_side = "left"  # decoder-only models continue from the right end of each row
     if tok.pad_token is None:
-        if tok.eos_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif need_pad:
             raise CirkitError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
-        tok.pad_token = tok.eos_token
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None and gen_cfg.pad_token_id is None and tok.pad_token_id is not None:
+        gen_cfg.pad_token_id = tok.pad_token_id  # quiets the per-batch warning; BLIP sets its own
 
 
 def causal_lm_ref(model: str | None = None, gguf_file: str | None = None) -> tuple[str, str | None, str]:
@@ -248,10 +257,8 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=_dtype_for(dev, dtype), **kw)
     except (OSError, ValueError, ImportError, KeyError) as e:
         raise _load_error(f"{model}/{gguf_file}" if gguf_file else model, e, "language model", _GGUF_HINT) from None
-    _prepare_tokenizer(tok)
+    _prepare_for_batching(lm, tok)
     lm.to(dev).eval()
-    if lm.generation_config.pad_token_id is None:
-        lm.generation_config.pad_token_id = tok.pad_token_id
     return LoadedLM(model=lm, tokenizer=tok, model_id=name, gguf_file=gguf_file, device=dev)
 
 
@@ -381,14 +388,9 @@ def load_captioner(model: str, device: str | None = None, dtype: str | None = No
         raise _load_error(model, e, "captioning model") from None
     chat = bool(getattr(processor, "chat_template", None))
     tok = getattr(processor, "tokenizer", None)
-    if tok is not None:
-        tok.padding_side = "left"
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
+    if tok is not None:  # a plain captioner given no prompt batches images only: a pad token is optional
+        _prepare_for_batching(net, tok, need_pad=False)
     net.to(dev).eval()
-    gen_cfg = getattr(net, "generation_config", None)
-    if gen_cfg is not None and gen_cfg.pad_token_id is None and tok is not None and tok.pad_token_id is not None:
-        gen_cfg.pad_token_id = tok.pad_token_id  # quiets the per-batch warning; BLIP sets its own
     return LoadedCaptioner(model=net, processor=processor, model_id=model, chat=chat, device=dev, dtype=dt)
 
 

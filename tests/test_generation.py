@@ -118,6 +118,23 @@ def test_missing_model_is_a_user_error(tmp_path):
     assert "gguf" not in str(e.value) and str(e.value).endswith("pass a hub id or a local folder with config.json")
 
 
+def test_prepare_for_batching_pads_with_eos_or_fails_when_padding_is_needed():
+    from types import SimpleNamespace
+
+    from cirkit.generation import _prepare_for_batching, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.pad_token, tok.padding_side = None, "right"
+    model = SimpleNamespace(generation_config=SimpleNamespace(pad_token_id=None))
+    _prepare_for_batching(model, tok)
+    assert tok.padding_side == "left" and tok.pad_token == tok.eos_token
+    assert model.generation_config.pad_token_id == tok.eos_token_id
+    tok.pad_token = tok.eos_token = None
+    _prepare_for_batching(SimpleNamespace(), tok, need_pad=False)  # a captioner without a prompt: fine
+    with pytest.raises(CirkitError, match="neither a pad nor an eos token"):
+        _prepare_for_batching(model, tok)
+
+
 def test_text_only_model_cannot_caption(tmp_path):
     folder = build_tiny_causal_lm(tmp_path / "lm")
     with pytest.raises(CirkitError, match="cannot caption images"):
