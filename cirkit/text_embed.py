@@ -35,16 +35,15 @@ class TextEmbedder:
     def __init__(self, model: str | None = None, device: str | None = None, trust_remote_code: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
-        from cirkit.generation import resolve_device
+        from cirkit.generation import _load_error, resolve_device
 
         self.model_id = model or default_embed_model()
         self.device = resolve_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CirkitError(f"cannot load text embedding model {self.model_id!r} ({first})") from None
+        except (OSError, ValueError, ImportError, KeyError) as e:
+            raise _load_error(self.model_id, e, "text embedding model") from None
         self.model.to(self.device).eval()
 
     def encode(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> Any:
@@ -64,7 +63,3 @@ class TextEmbedder:
             return torch.empty(0, self.model.config.hidden_size)
         return torch.cat(chunks)
 
-
-def embed_texts(texts: list[str], model: str | None = None, device: str | None = None, batch_size: int = 64):
-    """Convenience: load ``model`` (default MiniLM) and encode ``texts``."""
-    return TextEmbedder(model, device).encode(texts, batch_size=batch_size)

@@ -199,6 +199,13 @@ def test_config_errors(captions_file):
                               group_field="missing"))
 
 
+def test_similar_with_a_missing_embed_model_is_a_user_error(captions_file, tmp_path):
+    with pytest.raises(CirkitError, match="cannot load text embedding model") as e:
+        run(ReformulateConfig(captions=captions_file, output=tmp_path / "t.jsonl", generator="template",
+                              pairing="similar", embed_model=str(tmp_path / "nope"), device="cpu"))
+    assert "gguf" not in str(e.value)
+
+
 def test_similar_with_default_minilm(captions_file, tmp_path):
     import importlib.util
 
