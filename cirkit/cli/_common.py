@@ -26,6 +26,16 @@ StrictFlag = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: best available).")]
 
+# Decoding and model-loading options shared by the generation stages (caption, reformulate).
+# "Sampling" in the name: train's --temperature is InfoNCE's, not this one.
+SamplingTemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass when sampling. (default 1.0)")]
+NumBeamsOpt = Annotated[int | None, typer.Option("--num-beams", help="Beam search width. (default 1)")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto (bf16 on GPU), float32, bfloat16, float16.")]
+TrustRemoteCodeOpt = Annotated[
+    bool | None, typer.Option("--trust-remote-code", help="Allow the model repository's own Python code.")
+]
+
 
 def err(message: str) -> None:
     """Print a one-line error on stderr."""

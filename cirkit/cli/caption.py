@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from cirkit.cli._common import DeviceOpt, JsonFlag, RecipeOpt, StrictFlag, emit, flags, stage
+from cirkit.cli._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonFlag,
+    NumBeamsOpt,
+    RecipeOpt,
+    SamplingTemperatureOpt,
+    StrictFlag,
+    TopPOpt,
+    TrustRemoteCodeOpt,
+    emit,
+    flags,
+    stage,
+)
 
 
 @stage
@@ -27,17 +40,15 @@ def caption(
         str | None, typer.Option("--prompt", help="Instruction for chat models (a text prefix for plain captioners like BLIP).")
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest caption in tokens. (default 60)")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass when sampling. (default 1.0)")] = None,
-    num_beams: Annotated[int | None, typer.Option("--num-beams", help="Beam search width. (default 1)")] = None,
+    temperature: SamplingTemperatureOpt = None,
+    top_p: TopPOpt = None,
+    num_beams: NumBeamsOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed. (default 0)")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per generate call. (default 8)")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", help="Image decoding processes. (default: up to 4)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Caption only the first N images.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="auto (bf16 on GPU), float32, bfloat16, float16.")] = None,
-    trust_remote_code: Annotated[
-        bool | None, typer.Option("--trust-remote-code", help="Allow the model repository's own Python code.")
-    ] = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
     strict: StrictFlag = None,
     device: DeviceOpt = None,
     config: RecipeOpt = None,

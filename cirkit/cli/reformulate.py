@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from cirkit.cli._common import DeviceOpt, JsonFlag, RecipeOpt, emit, flags, stage
+from cirkit.cli._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonFlag,
+    NumBeamsOpt,
+    RecipeOpt,
+    SamplingTemperatureOpt,
+    TopPOpt,
+    TrustRemoteCodeOpt,
+    emit,
+    flags,
+    stage,
+)
 
 
 @stage
@@ -39,14 +51,12 @@ def reformulate(
     ] = None,
     max_words: Annotated[int | None, typer.Option("--max-words", help="Word limit of an instruction. (default 12)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest reply in tokens. (default 32)")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass when sampling. (default 1.0)")] = None,
-    num_beams: Annotated[int | None, typer.Option("--num-beams", help="Beam search width. (default 1)")] = None,
+    temperature: SamplingTemperatureOpt = None,
+    top_p: TopPOpt = None,
+    num_beams: NumBeamsOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Prompts per generate call. (default 16)")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="auto (bf16 on GPU), float32, bfloat16, float16.")] = None,
-    trust_remote_code: Annotated[
-        bool | None, typer.Option("--trust-remote-code", help="Allow the model repository's own Python code.")
-    ] = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
     device: DeviceOpt = None,
     config: RecipeOpt = None,
     json_: JsonFlag = False,
