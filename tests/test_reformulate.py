@@ -178,6 +178,7 @@ def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
     trips = read_records(out, Triplet)
     assert r.counts["generated"] == r.counts["pairs"] == 10
     assert r.counts["written"] == len(trips)
+    assert r.counts["rejected_duplicate"] > 0  # the tiny model repeats itself: the dedup filter is exercised
     for t in trips:
         assert t.generator["model"] == str(model) and t.generator["prompt"] == DEFAULT_PROMPT
         assert t.generator["settings"]["max_new_tokens"] == 3
