@@ -691,7 +691,7 @@ def run(config: SynthConfig) -> StageResult:
                 membership.setdefault(k, []).append(sp.name)
         ids = sorted(scenes)
 
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "synth", lambda p: (p / "benchmark" / "meta.json").is_file()) as tmp:
             (tmp / "images").mkdir()
             rate = Rate("img")
             rtask = progress.add_task("rendering", total=len(ids), rate="")

@@ -47,6 +47,7 @@ from cirkit.train.plugin import TrainConfig, TrainPlugin
 log = logging.getLogger("cirkit")
 
 STATE_DIR = "trainer_state"
+CHECKPOINT_KIND = "checkpoint"
 METRICS = "metrics.jsonl"
 # Settings that must be the same to continue a run exactly (a key the saved run lacks is not compared).
 RESUME_KEYS = ("backbone", "stage", "data", "init", "model", "pretrained", "max_steps", "epochs", "batch_size",
@@ -252,7 +253,7 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
         def save() -> None:
             accelerator.wait_for_everyone()
             if main:
-                with atomic_dir(out) as tmp:
+                with atomic_dir(out, CHECKPOINT_KIND, _is_checkpoint) as tmp:
                     plugin.save(raw, tmp)
                     args = to_jsonable(config)
                     args.update(resume=False, resolved_max_steps=max_steps, processes=world)
@@ -375,9 +376,22 @@ def _assert_in_sync(accelerator, tensors: list[torch.Tensor], what: str) -> None
         raise AssertionError(f"{what} differ between processes: {gathered.tolist()}")
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder written before folders carried cirkit's marker."""
+    from cirkit.backbones import checkpoint_config
+
+    try:
+        return checkpoint_config(folder) is not None
+    except CirkitError:
+        return False
+
+
 def _check_output(out: Path, config: TrainConfig, main: bool = True) -> None:
     from cirkit.io import restore_dir
+    from cirkit.io.atomic import MARKER, check_replaceable
 
+    # Never train into a folder whose files we would delete at the first save (the user's data).
+    check_replaceable(out, CHECKPOINT_KIND, _is_checkpoint)
     if main and restore_dir(out):
         log.warning("%s: restored the last checkpoint from a save that was interrupted mid-swap", out)
     has_ckpt = (out / "config.json").exists() or (out / STATE_DIR).exists()
@@ -391,6 +405,8 @@ def _check_output(out: Path, config: TrainConfig, main: bool = True) -> None:
     if not main:
         return
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():  # ours from now on: metrics.jsonl is written here before the first save
+        (out / MARKER).write_text(json.dumps({"kind": CHECKPOINT_KIND}) + "\n", encoding="utf-8")
     if not config.resume and (out / METRICS).exists():
         (out / METRICS).unlink()  # a run killed before its first save
 

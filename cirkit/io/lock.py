@@ -1,0 +1,113 @@
+"""One writer per output: an advisory lock held for the whole run, naming its holder.
+
+Every output a stage writes (a JSONL file, a Lance store, an index table, a checkpoint folder,
+a submission folder, a cache) is written under :func:`output_lock`. The lock is a hidden file
+beside the output, ``.<name>.lock``, locked with ``flock`` through :mod:`filelock`; the kernel
+drops the lock when its process dies, so a stale lock of a killed run is simply free again.
+The holder writes who it is (pid, host, start time, command) into the lock file, so a second
+writer fails at once with one line naming the holder, or waits for it with ``wait=True``.
+The lock file stays after release (unlinking a lock file races with a waiter that opened it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cirkit.errors import CirkitError
+
+log = logging.getLogger("cirkit")
+
+
+class OutputBusy(CirkitError):
+    """Another process holds the output's lock."""
+
+
+def lock_file_for(output: str | Path) -> Path:
+    """The lock file of ``output``: a hidden sibling, so swapping the output in leaves it alone."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def _holder_record() -> bytes:
+    return json.dumps({
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "",
+    }).encode()
+
+
+def describe_holder(lock_file: str | Path) -> str:
+    """``pid 123 on host since 2026-11-27 13:40:02: cirkit embed ...``, or a plain phrase when unknown."""
+    try:
+        info = json.loads(Path(lock_file).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another process"
+    where = f"pid {info['pid']} on {info.get('host', '?')} since {info.get('started', '?')}"
+    return where + (f": {info['command']}" if info.get("command") else "")
+
+
+def _write_holder(fd: int) -> None:
+    record = _holder_record()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, wait: bool = False, what: str = "output") -> Iterator[Path]:
+    """Hold the single-writer lock of ``output`` for the block; yields the lock file's path.
+
+    A lock held by another live process is an :class:`OutputBusy` error naming it, unless
+    ``wait``, in which case this blocks until it is free. The parent folder is created.
+    """
+    from filelock import FileLock, Timeout
+
+    output = Path(output)
+    path = lock_file_for(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CirkitError(f"{output}: its parent {path.parent} is a file, not a folder; choose another output") from None
+    lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = describe_holder(path)
+        if not wait:
+            raise OutputBusy(
+                f"{output}: another cirkit run is writing this {what} ({holder}); "
+                f"wait for it to finish, or pass --wait to queue behind it"
+            ) from None
+        log.info("%s: waiting for %s to finish writing it", output, holder)
+        lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
+        lock.acquire()
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def is_locked(output: str | Path) -> bool:
+    """Whether some process holds ``output``'s lock now (for readers that must not build concurrently)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_file_for(output)
+    if not path.exists():
+        return False
+    probe = FileLock(str(path), blocking=False, preserve_lock_file=True)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False

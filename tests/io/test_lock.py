@@ -1,0 +1,79 @@
+"""One writer per output: a second writer fails at once naming the holder, or waits; dead holders free the lock."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cirkit.io.lock import OutputBusy, is_locked, lock_file_for, output_lock
+
+HOLD = """
+import sys, time
+from cirkit.io.lock import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(path, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_in_another_process_fails_naming_the_holder(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    proc = _holder(out, 60)
+    try:
+        assert is_locked(out)
+        with pytest.raises(OutputBusy) as e:
+            with output_lock(out):
+                pass
+        msg = str(e.value)
+        assert msg.startswith(f"{out}: another cirkit run is writing this output (pid {proc.pid} on ")
+        assert "--wait" in msg and "\n" not in msg
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_holder_leaves_a_lock_the_next_run_takes(tmp_path):
+    out = tmp_path / "gallery.lance"
+    proc = _holder(out, 60)
+    proc.kill()
+    proc.wait()
+    assert lock_file_for(out).exists() and not is_locked(out)
+    with output_lock(out):
+        assert is_locked(out)
+
+
+def test_wait_queues_behind_the_holder(tmp_path):
+    out = tmp_path / "ckpt"
+    proc = _holder(out, 1.5)
+    t0 = time.monotonic()
+    with output_lock(out, wait=True):
+        waited = time.monotonic() - t0
+    proc.wait()
+    assert waited > 0.5
+
+
+def test_same_process_cannot_open_two_writers(tmp_path):
+    out = tmp_path / "x.jsonl"
+    with output_lock(out):
+        with pytest.raises(OutputBusy):
+            with output_lock(out):
+                pass
+    with output_lock(out):  # released on exit
+        pass
+
+
+def test_lock_beside_a_file_parent_is_a_one_line_error(tmp_path):
+    from cirkit.errors import CirkitError
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(CirkitError, match="is a file, not a folder"):
+        with output_lock(f / "out.jsonl"):
+            pass
