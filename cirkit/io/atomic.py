@@ -25,7 +25,7 @@ from typing import Any
 
 from cirkit.errors import CirkitError
 
-MARKER = ".cirkit-output"  # {"kind": ..., "cirkit": version} inside every folder atomic_dir swaps in
+MARKER = ".cirkit-output.json"  # {"kind": ..., "cirkit": version} inside every folder atomic_dir swaps in
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _TEMP_RE = re.compile(r"\.cirkit-(tmp|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)(-[0-9a-f]+)?$")
 

@@ -31,7 +31,7 @@ def test_atomic_dir_swaps_whole_folder(tmp_path):
     assert (out / "a.txt").read_text() == "1"
     with atomic_dir(out) as d:
         (d / "b.txt").write_text("3")
-    assert sorted(x.name for x in out.iterdir()) == [".cirkit-output", "b.txt"]  # + the ownership marker
+    assert sorted(x.name for x in out.iterdir()) == [".cirkit-output.json", "b.txt"]  # + the ownership marker
     assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -146,7 +146,7 @@ def test_empty_folder_is_replaced_and_legacy_folders_are_recognised(tmp_path):
     (legacy / "config.json").write_text("{}")
     with atomic_dir(legacy, "checkpoint", owned=lambda p: (p / "config.json").exists()) as d:
         (d / "b").write_text("1")
-    assert sorted(p.name for p in legacy.iterdir()) == [".cirkit-output", "b"]
+    assert sorted(p.name for p in legacy.iterdir()) == [".cirkit-output.json", "b"]
 
 
 def test_temps_name_their_owner_and_dead_owners_temps_are_removed(tmp_path):
