@@ -212,14 +212,18 @@ def shared_prefix(tokenizer, system: str | None, examples: list[tuple[str, str]]
 
 
 def _prefix_cache(lm: LoadedLM, prefix_ids: list[int]):
-    """KV cache of ``prefix_ids`` (batch 1), computed once per LoadedLM and prefix."""
+    """KV cache of ``prefix_ids`` (batch 1), computed once per LoadedLM and prefix.
+
+    transformers 5 names the cache ``cache`` on model outputs and in ``generate``
+    (``past_key_values`` is deprecated there), so both sides use that name.
+    """
     import torch
 
     key = tuple(prefix_ids)
     if lm.prefix_cache is None or lm.prefix_cache[0] != key:
         with torch.inference_mode():
             out = lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True)
-        lm.prefix_cache = (key, out.past_key_values)
+        lm.prefix_cache = (key, out.cache)
     return lm.prefix_cache[1]
 
 
@@ -252,7 +256,7 @@ def generate_texts(lm: LoadedLM, prompts: list[str], settings: GenerationSetting
         cache = copy.deepcopy(_prefix_cache(lm, pre))
         cache.batch_repeat_interleave(len(prompts))
         enc = {"input_ids": torch.tensor(rows, device=lm.device),
-               "attention_mask": torch.tensor(mask, device=lm.device), "past_key_values": cache}
+               "attention_mask": torch.tensor(mask, device=lm.device), "cache": cache}
     else:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with torch.inference_mode():

@@ -66,6 +66,26 @@ def test_shared_prefix_cache_changes_nothing(tiny_lm):
     assert tiny_lm.prefix_cache is not None
 
 
+def test_shared_prefix_cache_uses_the_current_cache_api(tiny_lm, monkeypatch):
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (output attribute and ``generate`` argument)."""
+    import logging
+    import warnings
+
+    from cirkit.generation import shared_prefix
+
+    logged = []  # transformers logs the old-name warning once per process: record every call instead
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)))
+    shots = [("add a star", "add a star")]
+    prompts = [chat_prompt(tiny_lm.tokenizer, p, "system", shots) for p in PROMPTS[:2]]
+    prefix = shared_prefix(tiny_lm.tokenizer, "system", shots)
+    tiny_lm.prefix_cache = None  # computed again below, inside the check
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name warns; it must not be used
+        out = generate_texts(tiny_lm, prompts, GenerationSettings(max_new_tokens=3), prefix)
+    assert len(out) == 2 and tiny_lm.prefix_cache is not None
+    assert not [m for m in logged if "past_key_values" in m], logged
+
+
 def test_chat_prompt_uses_template(tiny_lm):
     text = chat_prompt(tiny_lm.tokenizer, "make it red", "be brief")
     assert text.startswith("<|im_start|> system be brief") and text.rstrip().endswith("assistant")
