@@ -48,4 +48,3 @@ class TextEmbedder:
         if not chunks:
             return torch.empty(0, self.model.config.hidden_size)
         return torch.cat(chunks)
-

@@ -73,4 +73,3 @@ class ClipBackbone(Backbone):
         m = super().manifest()
         m["precision"] = str(self.dtype).replace("torch.", "")
         return m
-
