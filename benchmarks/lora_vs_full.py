@@ -180,11 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args(argv)
 
-    from cirkit.backbones.mllm_demo import build_tiny_llava
+    from cirkit.testing import build_tiny_llava
 
     tmp = Path(tempfile.mkdtemp(prefix="lora-vs-full-"))
     try:
-        model_dir = build_tiny_llava(tmp / "model", hidden=a.hidden, layers=a.layers, image_size=64, patch_size=16)
+        model_dir = build_tiny_llava(tmp / "model", hidden=a.hidden, layers=a.layers, image_size=64, patch_size=16,
+                                     initializer_range=0.02)
         data = _data(tmp / "data", 64)
         args = {"batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, "lora_r": a.lora_r,
                 "threads": a.threads, "checkpointing": a.checkpointing}

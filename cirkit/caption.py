@@ -16,7 +16,7 @@ Stage 1 of the paper's data pipeline (section II-A): an MLLM captions unannotate
   :class:`~cirkit.io.JsonlAppender` as soon as its batch finishes; a re-run skips the ids
   already written, and a torn last line left by ``kill -9`` is cut off.
 * Sharding under ``accelerate launch``: every image id belongs to one process by a stable
-  hash (:func:`cirkit.generation.shard_of`). Process ``r`` appends to its own
+  hash (:func:`cirkit.device.shard_of`). Process ``r`` appends to its own
   ``<output>.part-<r>``; at the end the main process appends every part's records to the
   output through the same appender (which drops ids already there) and only then deletes
   the parts. Any interruption leaves the parts, and the next run (any number of processes)
@@ -158,8 +158,9 @@ def run(config: CaptionConfig) -> StageResult:
         return import_captions(config.from_file, config.output, strict=config.strict)
     if config.images is None:
         raise CirkitError("give a folder of images (or a gallery JSONL) to caption, or --from FILE to import captions")
+    from cirkit.device import process_info, shard_of
     from cirkit.encode import default_workers, iter_image_batches
-    from cirkit.generation import GenerationSettings, caption_images, load_captioner, process_info, shard_of
+    from cirkit.generation import GenerationSettings, caption_images, load_captioner
 
     settings = GenerationSettings.from_config(config)
     settings.validate()

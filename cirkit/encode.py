@@ -21,12 +21,6 @@ from cirkit.io.images import open_image
 
 log = logging.getLogger("cirkit")
 
-# DataLoader workers fork while `embed` holds a Lance store open. They only decode images and
-# never touch LanceDB, and they are forked between appends (nothing mid-operation), so
-# lancedb's generic "fork support is experimental" warning does not apply here.
-warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
-
-
 class _ImageDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[tuple[str, Path]], transform: Callable[[Any], Any], min_side: int | None = None):
         self.items, self.transform, self.min_side = list(items), transform, min_side
@@ -76,7 +70,15 @@ def iter_image_batches(
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
-    yield from loader
+    # DataLoader workers fork while `embed` holds a Lance store open. They only decode images and
+    # never touch LanceDB, and they are forked between appends (nothing mid-operation), so
+    # lancedb's generic "fork support is experimental" warning (raised in each forked child)
+    # does not apply. The filter is set only around the fork (workers start in ``iter``) and
+    # the children inherit it; the process's own warning filters are left as they were.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        batches = iter(loader)
+    yield from batches
 
 
 @dataclass

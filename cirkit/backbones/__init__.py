@@ -35,6 +35,9 @@ def checkpoint_config(path: str | Path) -> dict | None:
 
 def load_backbone(spec: BackboneSpec) -> Backbone:
     """Instantiate the backbone a spec names (a checkpoint folder decides its own family)."""
+    from cirkit.device import pick_device, resolve_precision
+
+    resolve_precision(spec.precision, pick_device(spec.device))  # bad --device/--precision: fail before loading
     family = spec.backbone
     if spec.model:
         cfg = checkpoint_config(spec.model)

@@ -75,3 +75,21 @@ def decode_size(clip) -> int:
     """Twice the shorter input side of an open_clip model's vision tower (see Backbone.decode_size)."""
     size = getattr(clip.visual, "image_size", 224)
     return 2 * int(min(size) if isinstance(size, (tuple, list)) else size)
+
+
+def embed_dim(clip) -> int:
+    """The width of an open_clip model's joint image-text embedding space."""
+    import torch
+
+    visual = getattr(clip, "visual", None)
+    if getattr(visual, "proj", None) is not None:
+        return int(visual.proj.shape[1])
+    if getattr(visual, "output_dim", None):
+        return int(visual.output_dim)
+    proj = getattr(clip, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    if proj is not None:
+        return int(proj.shape[1])
+    with torch.inference_mode():  # last resort: ask the model
+        return int(clip.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])

@@ -119,17 +119,6 @@ class Backbone(abc.ABC):
         return f"{s.model}" + (f"@{s.pretrained}" if s.pretrained else "")
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """The requested device, else CUDA, else MPS, else CPU."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def _source(model: str | None) -> str | None:
     """A model reference that loads from anywhere: local paths made absolute, names kept."""
     if model and Path(model).expanduser().exists():

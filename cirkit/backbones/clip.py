@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 
-from cirkit.backbones.base import Backbone, BackboneSpec, normalize, pick_device
+from cirkit.backbones.base import Backbone, BackboneSpec, normalize
 
 log = logging.getLogger("cirkit")
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ClipBackbone(Backbone):
@@ -35,8 +34,8 @@ class ClipBackbone(Backbone):
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        from cirkit.backbones._openclip import create_clip, decode_size
-        from cirkit.errors import CirkitError
+        from cirkit.backbones._openclip import create_clip, decode_size, embed_dim
+        from cirkit.device import pick_device, pick_dtype, resolve_precision
 
         if spec.model is None:
             spec = self.spec = dataclasses.replace(spec, model=DEFAULT_MODEL,
@@ -44,18 +43,13 @@ class ClipBackbone(Backbone):
         if spec.pretrained is None and not spec.model.startswith(("cirkit-", "hf-hub:", "local-dir:")):
             log.warning("%s with random weights (no --pretrained): scores are meaningless", spec.model)
         self.device = pick_device(spec.device)
-        precision = spec.precision or "fp32"
-        if precision not in PRECISIONS:
-            raise CirkitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if precision != "fp32" and self.device.type == "cpu":
-            log.warning("%s on CPU is slow or unsupported; using fp32", precision)
-            precision = "fp32"
-        self.dtype = PRECISIONS[precision]
+        precision = resolve_precision(spec.precision, self.device)  # fp32/bf16/fp16: open_clip's names too
+        self.dtype = pick_dtype(precision, self.device)
         self.model, self.preprocess, self.tokenizer = create_clip(
             spec.model, spec.pretrained, device=str(self.device), precision=precision, allow_pickle=spec.allow_pickle
         )
         self.model.eval()
-        self.dim = int(_embed_dim(self.model))
+        self.dim = embed_dim(self.model)
         self.decode_size = decode_size(self.model)
 
     def image_transform(self):
@@ -79,16 +73,3 @@ class ClipBackbone(Backbone):
         m = super().manifest()
         m["precision"] = str(self.dtype).replace("torch.", "")
         return m
-
-
-def _embed_dim(model) -> int:
-    proj = getattr(model, "text_projection", None)
-    if isinstance(proj, torch.nn.Linear):
-        return proj.out_features
-    if proj is not None:
-        return proj.shape[1]
-    visual = getattr(model, "visual", None)
-    if getattr(visual, "output_dim", None):
-        return visual.output_dim
-    with torch.inference_mode():
-        return model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1]

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from cirkit.backbones.base import Backbone, BackboneSpec, pick_device
+from cirkit.backbones.base import Backbone, BackboneSpec
+from cirkit.device import pick_device, pick_dtype
 from cirkit.errors import CheckpointError, CirkitError
 
 log = logging.getLogger("cirkit")
@@ -255,7 +256,7 @@ class MllmBackbone(Backbone):
                  templates: dict[str, str] | None = None, max_length: int = 128):
         super().__init__(spec)
         self.device = pick_device(spec.device)
-        self.dtype = _inference_dtype(spec.precision, self.device)
+        self.dtype = pick_dtype(spec.precision, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         self.prompter = Prompter(processor, templates, max_length)
         self.dim = int(language_model(model).config.hidden_size)
@@ -287,19 +288,6 @@ class MllmBackbone(Backbone):
 def keep_image(image: Any) -> Any:
     """Images go to the processor as PIL (it resizes per family: fixed, any-res, dynamic)."""
     return image
-
-
-def _inference_dtype(precision: str | None, device: torch.device) -> torch.dtype:
-    p = (precision or "auto").lower()
-    if p in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if p in ("fp16", "float16", "half"):
-        return torch.float16
-    if p in ("fp32", "float32"):
-        return torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def load_mllm_backbone(spec: BackboneSpec, prefer: str = "auto") -> MllmBackbone:

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cirkit.backbones.base import Backbone, BackboneSpec, normalize, pick_device
+from cirkit.backbones.base import Backbone, BackboneSpec, normalize
+from cirkit.device import pick_device, pick_dtype
 from cirkit.errors import CheckpointError, CirkitError
 
 log = logging.getLogger("cirkit")
@@ -287,21 +288,14 @@ def settings_from_config(config) -> dict[str, Any]:
 
 def build_model(settings: dict[str, Any], pretrained: str | None = None, allow_pickle: bool = False):
     """Create (VitCir, preprocess, tokenizer) from settings; CLIP weights from ``pretrained`` if given."""
-    from cirkit.backbones._openclip import create_clip
+    from cirkit.backbones._openclip import create_clip, embed_dim
 
     clip, preprocess, tokenizer = create_clip(settings["model"], pretrained, allow_pickle=allow_pickle)
     settings = {k: v for k, v in settings.items() if k in SETTING_KEYS}
-    settings["embed_dim"] = _embed_dim(clip)
+    settings["embed_dim"] = embed_dim(clip)
     null = tokenizer([settings.get("null_text", NULL_TEXT)])
     model = VitCir(clip, settings, null)
     return model, preprocess, tokenizer
-
-
-def _embed_dim(clip) -> int:
-    v = clip.visual
-    if getattr(v, "proj", None) is not None:
-        return int(v.proj.shape[1])
-    return int(v.output_dim)
 
 
 def config_json(model: VitCir, **extra: Any) -> dict[str, Any]:
@@ -402,7 +396,7 @@ class VitBackbone(Backbone):
                  config: dict[str, Any]):
         super().__init__(spec)
         self.device = pick_device(spec.device)
-        self.dtype = _dtype(spec.precision, self.device)
+        self.dtype = pick_dtype(spec.precision, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         self.target_model = target.to(self.device, self.dtype).eval() if target is not None else self.model
         self.preprocess, self.tokenizer, self.config = preprocess, tokenizer, config
@@ -441,16 +435,6 @@ class VitBackbone(Backbone):
         if wid:
             return f"{Path(str(self.spec.model)).name}@{wid}"
         return super().checkpoint_id()
-
-
-def _dtype(precision: str | None, device: torch.device) -> torch.dtype:
-    if precision in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if precision in ("fp16", "float16"):
-        return torch.float16
-    if precision in (None, "auto") and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def load_vit_backbone(spec: BackboneSpec) -> VitBackbone:

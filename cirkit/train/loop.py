@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cirkit.device import mixed_precision  # --precision -> accelerate's mixed_precision, one table for all
 from cirkit.errors import CheckpointError, CirkitError
 from cirkit.summary import StageResult, make_progress, timed
 from cirkit.train.plugin import TrainConfig, TrainPlugin
@@ -102,17 +103,6 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise CirkitError(f"unknown scheduler {kind!r}; choose cosine, linear or constant")
-
-
-def mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "no"
-    table = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
-    if precision not in table:
-        raise CirkitError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
-    return table[precision]
 
 
 # -- state (de)serialisation without pickle ------------------------------------------------------

@@ -31,7 +31,7 @@ COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    from cirkit.backbones.mllm_demo import build_tiny_llava
+    from cirkit.testing import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("mllm") / "tiny-llava")
 

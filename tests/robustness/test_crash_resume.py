@@ -33,9 +33,9 @@ def gen_inputs(tmp_path_factory):
     """Tiny random llava + causal LM, 12 images and their captions, and the uninterrupted outputs."""
     from cirkit.caption import CaptionConfig
     from cirkit.caption import run as run_caption
-    from cirkit.generation import build_tiny_causal_lm, build_tiny_llava
     from cirkit.reformulate import ReformulateConfig
     from cirkit.reformulate import run as run_reformulate
+    from cirkit.testing import build_tiny_causal_lm, build_tiny_llava
 
     root = tmp_path_factory.mktemp("gen")
     llava, lm = build_tiny_llava(root / "llava"), build_tiny_causal_lm(root / "lm")

