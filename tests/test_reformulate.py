@@ -190,14 +190,15 @@ def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
         run(cfg)
 
 
-def test_config_errors(captions_file):
+def test_config_errors(captions_file, tmp_path):
     with pytest.raises(CirkitError, match="--pairing"):
         run(ReformulateConfig(captions=captions_file, pairing="nearest"))
     with pytest.raises(CirkitError, match="placeholders"):
         run(ReformulateConfig(captions=captions_file, prompt="no placeholders"))
-    with pytest.raises(CirkitError, match="no pairs"):
-        run(ReformulateConfig(captions=captions_file, generator="template", pairing="same-group",
-                              group_field="missing"))
+    with pytest.raises(CirkitError, match="no pairs"):  # (its output's lock file goes beside the output)
+        run(ReformulateConfig(captions=captions_file, output=tmp_path / "t.jsonl", generator="template",
+                              pairing="same-group", group_field="missing"))
+    assert not (tmp_path / "t.jsonl").exists()  # nothing drawn, nothing created
 
 
 def test_similar_with_a_missing_embed_model_is_a_user_error(captions_file, tmp_path):
