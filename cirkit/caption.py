@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.errors import CirkitError, ImageError, RecordError
+from cirkit.io.atomic import glob_escape
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
 from cirkit.io.jsonl import JsonlAppender, check_not_input, check_text, iter_complete, read_json, read_jsonl
 from cirkit.io.lock import output_lock
@@ -88,26 +89,36 @@ def part_path(output: Path, rank: int) -> Path:
 
 
 def _parts(output: Path) -> list[Path]:
-    return sorted(output.parent.glob(f"{output.name}.part-*")) if output.parent.exists() else []
+    """The part files ranks wrote: exactly ``<output>.part-<rank>`` (a user's other files are never merged)."""
+    if not output.parent.is_dir():
+        return []
+    found = output.parent.glob(f"{glob_escape(output.name)}.part-*")
+    return sorted(p for p in found if p.name[len(output.name) + len(".part-"):].isdigit())
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Complete records of an output or part (a torn last line, still being written or left by a
+    crash, is passed over); a complete line that is not a record with an id is an error, never dropped."""
+    for lineno, obj in iter_complete(path):
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise RecordError(path, lineno, "expected a JSON object with an 'id'; fix or remove this line")
+        yield lineno, obj
 
 
 def _ids_in(path: Path) -> set[str]:
-    """Ids of complete lines (a torn last line, still being written or left by a crash, is ignored)."""
-    return {str(obj["id"]) for _, obj in iter_complete(path, skip_malformed=True)
-            if isinstance(obj, dict) and "id" in obj}
+    return {str(obj["id"]) for _, obj in _records(path)}
 
 
 def merge_parts(output: Path) -> int:
-    """Append the records of every ``output.part-*`` to ``output`` (once per id), then delete the parts."""
+    """Append the records of every ``output.part-<rank>`` to ``output`` (once per id), then delete the parts."""
     parts = _parts(output)
     if not parts:
         return 0
     moved = 0
     with JsonlAppender(output) as writer:
         for part in parts:
-            for _, obj in iter_complete(part, skip_malformed=True):
-                if isinstance(obj, dict) and "id" in obj:
-                    moved += writer.write(obj)
+            for _, obj in _records(part):
+                moved += writer.write(obj)
     for part in parts:  # only after everything is safely in the output
         part.unlink(missing_ok=True)
     return moved

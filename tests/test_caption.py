@@ -285,3 +285,18 @@ def test_wrong_kinds_of_input_and_output_are_one_line(folder, tmp_path):
     gallery.write_text(json.dumps({"id": "g1", "image": {"path": "x.png"}}) + "\n")
     with pytest.raises(CirkitError, match=r"gallery.jsonl:1: field 'image': expected a non-empty string"):
         run(cfg(gallery, tmp_path / "c.jsonl", "/no/model"))
+
+
+def test_merge_touches_only_rank_parts_and_never_drops_a_bad_line(tmp_path):
+    from cirkit.errors import RecordError
+
+    out = tmp_path / "c.jsonl"
+    rec = lambda k: json.dumps({"id": k, "image": f"{k}.png", "caption": k}) + "\n"  # noqa: E731
+    mine = tmp_path / "c.jsonl.part-backup"  # a user's file that merely looks like a part
+    mine.write_text(rec("u"))
+    part_path(out, 0).write_text(rec("a"))
+    assert merge_parts(out) == 1 and mine.read_text() == rec("u")
+    part_path(out, 1).write_text(rec("b") + "[1, 2]\n")
+    with pytest.raises(RecordError, match=r"c.jsonl.part-1:2: expected a JSON object with an 'id'"):
+        merge_parts(out)
+    assert part_path(out, 1).exists()  # kept until every line can be moved
