@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.errors import CirkitError, ImageError, RecordError
-from cirkit.io.atomic import glob_escape
+from cirkit.io.atomic import check_file_output, glob_escape
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
 from cirkit.io.jsonl import JsonlAppender, check_not_input, check_text, iter_complete, read_json, read_jsonl
 from cirkit.io.lock import output_lock
@@ -238,6 +238,7 @@ def run(config: CaptionConfig) -> StageResult:
         raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     result = StageResult("caption")
     out, images = Path(config.output), Path(config.images)
+    check_file_output(out)  # before its lock file is made beside it
     check_not_input(out, images)
     proc = process_info()
     with timed(result):
@@ -380,6 +381,7 @@ def import_captions(source: Path, output: Path, strict: bool = False, wait: bool
         raise CirkitError(f"{source}: no such file to import")
     if source.is_dir():
         raise CirkitError(f"{source}: is a folder; --from takes a captions file (.jsonl, .csv or .json)")
+    check_file_output(output)
     check_not_input(output, source)
     with timed(result), output_lock(output, wait=wait, what="captions file"):
         rows = _read_any(source)

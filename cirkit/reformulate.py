@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.errors import CirkitError, RecordError
+from cirkit.io.atomic import check_file_output
 from cirkit.io.jsonl import JsonlAppender, check_not_input, iter_complete, read_records
 from cirkit.io.lock import output_lock
 from cirkit.records import Caption, Triplet, relative_path, resolve_path, triplet_id
@@ -542,8 +543,9 @@ def run(config: ReformulateConfig) -> StageResult:
     settings.validate()
     captions_path, out = Path(config.captions), Path(config.output)
     rej = rejected_path(out)
-    check_not_input(out, captions_path)
-    check_not_input(rej, captions_path)
+    for path in (out, rej):  # before their lock files are made beside them
+        check_file_output(path)
+        check_not_input(path, captions_path)
     wait = bool(getattr(config, "wait", False))
     with timed(result), output_lock(out, wait, "triplets file"), output_lock(rej, wait, "rejected-triplets file"):
         caps = _load_captions(captions_path)

@@ -27,6 +27,7 @@ from typing import Any
 
 from cirkit.errors import CirkitError
 from cirkit.io import atomic_write_json
+from cirkit.io.atomic import check_file_output
 from cirkit.io.lock import output_lock
 
 log = logging.getLogger("cirkit")
@@ -47,6 +48,7 @@ def cirr_submission(ranked: Mapping[str, Sequence[str]], metric: str, version: s
 
 
 def _write(path: Path, obj: dict[str, Any], wait: bool) -> None:
+    check_file_output(path)  # before its lock file is made beside it
     with output_lock(path, wait=wait, what="submission file"):
         atomic_write_json(path, obj, indent=None)
 

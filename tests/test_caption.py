@@ -300,3 +300,14 @@ def test_merge_touches_only_rank_parts_and_never_drops_a_bad_line(tmp_path):
     with pytest.raises(RecordError, match=r"c.jsonl.part-1:2: expected a JSON object with an 'id'"):
         merge_parts(out)
     assert part_path(out, 1).exists()  # kept until every line can be moved
+
+
+def test_an_output_under_a_file_is_one_line(folder, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder"):
+        run(cfg(folder, tmp_path / "notes.txt" / "a" / "c.jsonl", "/no/model"))
+    src = tmp_path / "caps.jsonl"
+    src.write_text(json.dumps({"id": "i", "image": "i.png", "caption": "x"}) + "\n")
+    with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder"):
+        run(CaptionConfig(from_file=src, output=tmp_path / "notes.txt" / "a" / "c.jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.jsonl", "notes.txt", "photos"]

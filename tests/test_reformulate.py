@@ -368,3 +368,11 @@ def test_a_folder_as_captions_or_as_output_is_one_line(captions_file, tmp_path):
     (tmp_path / "o.jsonl").mkdir()
     with pytest.raises(CirkitError, match="is a folder, but a JSONL file is written here"):
         run(ReformulateConfig(captions=captions_file, output=tmp_path / "o.jsonl", generator="template"))
+
+
+def test_an_output_under_a_file_is_one_line_and_makes_nothing(captions_file, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt" / "t.jsonl", tmp_path / "notes.txt" / "deeper" / "t.jsonl"):
+        with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder; choose another output path"):
+            run(ReformulateConfig(captions=captions_file, output=out, generator="template"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
