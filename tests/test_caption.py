@@ -279,7 +279,7 @@ def test_wrong_kinds_of_input_and_output_are_one_line(folder, tmp_path):
     with pytest.raises(CirkitError, match="is a folder; --from takes a captions file"):
         import_captions(folder, tmp_path / "c.jsonl")
     (tmp_path / "out.jsonl").mkdir()
-    with pytest.raises(CirkitError, match="out.jsonl: is a folder, but a JSONL file is written here"):
+    with pytest.raises(CirkitError, match="out.jsonl: is a folder, but a file is written here; choose a file path"):
         run(cfg(folder, tmp_path / "out.jsonl", "/no/model"))
     gallery = folder / "gallery.jsonl"
     gallery.write_text(json.dumps({"id": "g1", "image": {"path": "x.png"}}) + "\n")

@@ -366,7 +366,7 @@ def test_a_folder_as_captions_or_as_output_is_one_line(captions_file, tmp_path):
     with pytest.raises(CirkitError, match="is a folder; give a JSONL file"):
         run(ReformulateConfig(captions=tmp_path, output=tmp_path / "t.jsonl", generator="template"))
     (tmp_path / "o.jsonl").mkdir()
-    with pytest.raises(CirkitError, match="is a folder, but a JSONL file is written here"):
+    with pytest.raises(CirkitError, match="o.jsonl: is a folder, but a file is written here; choose a file path"):
         run(ReformulateConfig(captions=captions_file, output=tmp_path / "o.jsonl", generator="template"))
 
 
