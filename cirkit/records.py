@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,26 @@ class Triplet(Record):
     def validate(self, path, line):
         for name in ("id", "reference", "target", "instruction"):
             _nonempty(self, name, path, line)
+
+
+_EDGE_OR_DOUBLE_UNDERSCORE = re.compile(r"^_|_$|_(?=_)|(?<=_)_")
+
+
+def _id_part(part: str) -> str:
+    # "%" is the escape character; an "_" that touches another "_" or an end of the part
+    # becomes "%5F", so a part never contains "__" nor starts or ends with "_".
+    return _EDGE_OR_DOUBLE_UNDERSCORE.sub("%5F", part.replace("%", "%25"))
+
+
+def triplet_id(reference_id: str, target_id: str) -> str:
+    """The id of the triplet (reference -> target): ``<reference id>__<target id>``, never ambiguous.
+
+    Ids are joined with ``__``; within each, ``%`` and any ``_`` next to another ``_`` or at
+    an end are percent-escaped, so the first ``__`` of the result is always the separator and
+    two different pairs never share an id (``a`` + ``b__c`` -> ``a__b%5F%5Fc``, ``a__b`` + ``c``
+    -> ``a%5F%5Fb__c``). Ids without those characters read as before: ``shoes/im_1__shoes/im_2``.
+    """
+    return f"{_id_part(reference_id)}__{_id_part(target_id)}"
 
 
 @dataclass

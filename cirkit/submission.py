@@ -11,6 +11,11 @@ CIRCO (https://circo.micc.unifi.it/, ``submission_examples/submission_test.json`
 
 The validators check exactly what the servers check (keys, value types and lengths) and
 are tested against the official example files.
+
+Each file is written atomically (:func:`cirkit.io.atomic_write`: a temp named with host and
+pid, renamed in when complete, and removed by the next write when its process died) and
+under its single-writer lock (:func:`cirkit.io.lock.output_lock`), so two evaluations never
+write one file at once and a killed one leaves neither a half file nor a temp behind for good.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 from cirkit.errors import CirkitError
 from cirkit.io import atomic_write_json
+from cirkit.io.atomic import check_file_output
+from cirkit.io.lock import output_lock
 
 log = logging.getLogger("cirkit")
 
@@ -40,8 +47,14 @@ def cirr_submission(ranked: Mapping[str, Sequence[str]], metric: str, version: s
     return out
 
 
+def _write(path: Path, obj: dict[str, Any], wait: bool) -> None:
+    check_file_output(path)  # before its lock file is made beside it
+    with output_lock(path, wait=wait, what="submission file"):
+        atomic_write_json(path, obj, indent=None)
+
+
 def write_cirr_submission(folder: str | Path, split: str, ranked: Mapping[str, Sequence[str]],
-                          subset: Mapping[str, Sequence[str]], version: str = "rc2") -> list[Path]:
+                          subset: Mapping[str, Sequence[str]], version: str = "rc2", wait: bool = False) -> list[Path]:
     """Write both CIRR files for ``split`` into ``folder``; returns their paths."""
     folder = Path(folder)
     paths = []
@@ -55,7 +68,7 @@ def write_cirr_submission(folder: str | Path, split: str, ranked: Mapping[str, S
         if problems:
             raise CirkitError(f"CIRR {metric} submission is invalid: {problems[0]}")
         path = folder / f"{split}_pred_ranks_{metric}.json"
-        atomic_write_json(path, obj, indent=None)
+        _write(path, obj, wait)
         paths.append(path)
     return paths
 
@@ -93,10 +106,15 @@ def validate_cirr_submission(obj: Any, metric: str | None = None, allow_short: b
 
 def circo_submission(ranked: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
     """The CIRCO server's JSON object: query id -> top-50 COCO image ids as ints, keys in id order."""
+    for k, names in ranked.items():
+        for value, what in ((k, "query id"), *((x, f"image id (query {k})") for x in list(names)[:CIRCO_TOP])):
+            if not str(value).isdigit():
+                raise CirkitError(f"CIRCO submission: {what} {str(value)!r:.60} is not a number; CIRCO uses COCO "
+                                  "ids (digits only): give the gallery its COCO ids")
     return {str(k): [int(x) for x in list(ranked[k])[:CIRCO_TOP]] for k in sorted(ranked, key=int)}
 
 
-def write_circo_submission(path: str | Path, ranked: Mapping[str, Sequence[str]]) -> Path:
+def write_circo_submission(path: str | Path, ranked: Mapping[str, Sequence[str]], wait: bool = False) -> Path:
     """Write a CIRCO submission file; returns its path."""
     obj = circo_submission(ranked)
     problems = validate_circo_submission(obj, allow_short=True)
@@ -104,7 +122,7 @@ def write_circo_submission(path: str | Path, ranked: Mapping[str, Sequence[str]]
         raise CirkitError(f"CIRCO submission is invalid: {problems[0]}")
     if any(len(v) < CIRCO_TOP for v in obj.values()):
         log.warning("some CIRCO rankings are shorter than %d (gallery too small); the server will refuse them", CIRCO_TOP)
-    atomic_write_json(Path(path), obj, indent=None)
+    _write(Path(path), obj, wait)
     return Path(path)
 
 

@@ -78,3 +78,72 @@ def test_circo_validator_catches_mistakes(fx):
     assert validate_circo_submission({**ex, "0": ex["0"][:49]})
     assert validate_circo_submission({**ex, "0": [str(x) for x in ex["0"]]})
     assert validate_circo_submission(ex, num_queries=220)
+
+
+# -- written atomically, under a lock; a killed write leaves a temp the next write removes -----------
+SLOW_WRITER = """
+import json, sys, time
+from cirkit.submission import write_circo_submission
+
+def stuck(obj, fh, **kw):  # write part of the file, then hang until killed
+    fh.write('{"0": [' + ", ".join(["1"] * 100_000))
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+json.dump = stuck
+write_circo_submission(sys.argv[1], {"0": [str(i) for i in range(50)]})
+"""
+
+
+def test_a_killed_submission_write_keeps_the_old_file_and_its_temp_is_removed_next_time(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from cirkit.io.lock import OutputBusy
+
+    path = tmp_path / "sub" / "circo-test-submission.json"
+    write_circo_submission(path, {"0": [str(i) for i in range(50)]})
+    before = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        temps = list(path.parent.glob(".circo-test-submission.json.cirkit-tmp-*"))
+        assert len(temps) == 1 and f"-{proc.pid}-" in temps[0].name and temps[0].stat().st_size > 100_000
+        with pytest.raises(OutputBusy, match=rf"another cirkit run is writing this submission file \(pid {proc.pid} "):
+            write_circo_submission(path, {"0": [str(i) for i in range(50)]})
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert path.read_bytes() == before  # the complete old file, never a half one
+    assert temps[0].exists()  # what SIGKILL leaves ...
+    write_circo_submission(path, {"0": [str(i) for i in range(1, 51)]})
+    assert not temps[0].exists()  # ... the next write removes, its owner being dead
+    assert json.loads(path.read_text()) == {"0": list(range(1, 51))}
+    assert sorted(p.name for p in path.parent.iterdir()) == [".circo-test-submission.json.lock",
+                                                             "circo-test-submission.json"]
+
+
+def test_cirr_files_are_written_under_their_locks(tmp_path):
+    from cirkit.io.lock import OutputBusy, output_lock
+
+    ranked = {"1": [f"n{i}" for i in range(50)]}
+    subset = {"1": ["n1", "n2", "n3"]}
+    with output_lock(tmp_path / "test1_pred_ranks_recall_subset.json"):
+        pass  # a lock that was released is free again
+    paths = write_cirr_submission(tmp_path, "test1", ranked, subset)
+    assert [json.loads(p.read_text())["metric"] for p in paths] == ["recall", "recall_subset"]
+    with output_lock(paths[0]), pytest.raises(OutputBusy, match="test1_pred_ranks_recall.json: another"):
+        write_cirr_submission(tmp_path, "test1", ranked, subset)
+
+
+def test_circo_ids_that_are_not_numbers_are_one_line():
+    from cirkit.errors import CirkitError
+
+    with pytest.raises(CirkitError, match=r"image id \(query 0\) '000000123.jpg' is not a number"):
+        circo_submission({"0": ["000000123.jpg"]})
+    with pytest.raises(CirkitError, match="query id 'q1' is not a number"):
+        circo_submission({"q1": ["1"]})
