@@ -137,12 +137,14 @@ def default_text(f: dataclasses.Field) -> str:
     return str(value)
 
 
-def help_text(f: dataclasses.Field) -> str:
-    """The field's help with its default, as ``--help`` shows it."""
+def help_text(f: dataclasses.Field, note: str = "") -> str:
+    """The field's help with its choices, ``note`` and default, as ``--help`` shows it."""
     s = spec(f)
     text, d = s.help, default_text(f)
     if s.choices and not all(c in text for c in s.choices):
         text = f"{text} One of: {', '.join(s.choices)}."
+    if note:
+        text = f"{text} {note}"
     return f"{text} (default {d})" if d else text
 
 
@@ -192,7 +194,7 @@ def num_beams_setting() -> Any:
 
 # -- checking values ---------------------------------------------------------------------------
 _short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxtuple, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 4, 2
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxtuple, _short.maxdict, _short.maxlevel = 40, 40, 3, 3, 3, 2
 
 
 def shown(value: Any) -> str:

@@ -147,6 +147,8 @@ def describe(e: BaseException) -> tuple[str, int] | None:
 
 def _os_error(e: OSError) -> str:
     what, fix = _OS_ERRORS.get(e.errno, (e.strerror or _first_line(e) or type(e).__name__, "check the path"))
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename is not None and Path(str(e.filename)).is_file():
+        what, fix = "is a file where a folder is needed", "choose another path"
     if e.filename is None:
         return f"{what} ({_first_line(e)}); {fix}" if e.strerror else f"{what}; {fix}"
     where = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
@@ -326,7 +328,7 @@ def _field_params(f: dataclasses.Field, tp: Any, params: list[inspect.Parameter]
     kebab = "--" + f.name.replace("_", "-")
     typ = (list[str] if is_list else kind) | None
     panel = {"rich_help_panel": s.panel} if s.panel else {}
-    help_ = help_text(f) + (" Repeat or comma-separate." if is_list and "comma" not in s.help else "")
+    help_ = help_text(f, "Repeat or comma-separate." if is_list and "comma" not in s.help else "")
     out: list[tuple[str, str, bool]] = []
 
     def add(name: str, info: Any) -> None:
