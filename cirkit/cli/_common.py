@@ -150,7 +150,7 @@ def _os_error(e: OSError) -> str:
     if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename is not None and Path(str(e.filename)).is_file():
         what, fix = "is a file where a folder is needed", "choose another path"
     if e.filename is None:
-        return f"{what} ({_first_line(e)}); {fix}" if e.strerror else f"{what}; {fix}"
+        return f"{what}; {fix}"
     where = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
     return f"{where}: {what}; {fix}"
 
@@ -200,7 +200,7 @@ class CirkitGroup(TyperGroup):
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
                 err(f"{e.format_message()}{hint}")
             sys.exit(e.exit_code)
-        except click_exceptions.Abort:
+        except typer.Abort:
             err("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
