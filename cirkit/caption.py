@@ -43,6 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_beams_setting,
+    num_workers_setting,
+    precision_setting,
+    sampling_temperature_setting,
+    setting,
+    strict_setting,
+    top_p_setting,
+    trust_remote_code_setting,
+)
 from cirkit.errors import CirkitError, ImageError, RecordError
 from cirkit.io.atomic import check_file_output, glob_escape
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
@@ -65,23 +78,31 @@ DEFAULT_PROMPT = (
 class CaptionConfig:
     """Settings of ``cirkit caption`` (CLI flags, recipe keys and Python arguments alike)."""
 
-    images: Path | None = None
-    output: Path = Path("captions.jsonl")
-    from_file: Path | None = None
-    model: str = DEFAULT_MODEL
-    prompt: str | None = None
-    max_new_tokens: int = 60
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    seed: int = 0
-    batch_size: int = 8
-    num_workers: int | None = None
-    limit: int | None = None
-    strict: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
+    images: Path | None = setting(
+        None, positional=True, metavar="IMAGES",
+        help="A folder of images (recursive) or a gallery/captions JSONL with id and image.")
+    output: Path = setting(Path("captions.jsonl"), short="-o", help="Captions JSONL to write or resume.")
+    from_file: Path | None = setting(
+        None, flag="--from",
+        help="Import existing captions (JSONL with id/image/caption, CSV, or JSON) instead of running a model.")
+    model: str = setting(DEFAULT_MODEL, short="-m", help="Hub id or folder of a captioning model.")
+    prompt: str | None = setting(
+        None, help="Instruction for chat models (a text prefix for plain captioners like BLIP).")
+    max_new_tokens: int = setting(60, ge=1, help="Longest caption in tokens.")
+    temperature: float = sampling_temperature_setting()
+    top_p: float = top_p_setting()
+    num_beams: int = num_beams_setting()
+    seed: int = setting(0, ge=0, help="Sampling seed.")
+    batch_size: int = batch_size_setting(8, "Images", aliases=("-b",))
+    num_workers: int | None = num_workers_setting(show_default="up to 4")
+    limit: int | None = setting(None, ge=1, help="Caption only the first N images.")
+    strict: bool = strict_setting()
+    device: str | None = device_setting()
+    precision: str | None = precision_setting(aliases=("--dtype",))
+    trust_remote_code: bool = trust_remote_code_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def part_path(output: Path, rank: int) -> Path:
@@ -207,7 +228,7 @@ class _Captioner:
             from cirkit.generation import load_captioner
 
             c = self.config
-            self.cap = load_captioner(c.model, c.device or self.device, c.dtype, c.trust_remote_code)
+            self.cap = load_captioner(c.model, c.device or self.device, c.precision, c.trust_remote_code)
             self.prompt = (c.prompt or DEFAULT_PROMPT) if self.cap.chat else c.prompt
             _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
         return self.cap

@@ -12,6 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cirkit.config import (
+    allow_pickle_setting,
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_workers_setting,
+    precision_setting,
+    setting,
+    strict_setting,
+    trust_remote_code_setting,
+)
 from cirkit.errors import CirkitError
 from cirkit.summary import StageResult, timed
 
@@ -20,18 +31,22 @@ from cirkit.summary import StageResult, timed
 class EmbedConfig:
     """Settings of ``cirkit embed`` (recipe section ``embed``)."""
 
-    input: Path | None = None          # a folder of images or a gallery.jsonl
-    output: Path | None = None         # <name>.lance
-    backbone: str | None = None        # clip, vit, mllm, fake (a checkpoint folder names its own)
-    model: str | None = None           # checkpoint folder, open_clip name, hub id
-    pretrained: str | None = None
-    batch_size: int = 64
-    num_workers: int | None = None     # default: cirkit.encode.default_workers()
-    device: str | None = None
-    precision: str | None = None
-    strict: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
+    input: Path | None = setting(None, positional=True, metavar="IMAGES",
+                                 help="A folder of images or a gallery.jsonl.")
+    output: Path | None = setting(None, short="-o", help="Embeddings store to write or extend (NAME.lance).")
+    backbone: str | None = setting(None, help="clip, vit, mllm or fake (a checkpoint folder names its own).")
+    model: str | None = setting(None, short="-m", help="Checkpoint folder, open_clip name or hub id.")
+    pretrained: str | None = setting(None, help="open_clip weights tag or file (clip).")
+    batch_size: int = batch_size_setting(64, "Images")
+    num_workers: int | None = num_workers_setting(show_default="min(4, cores-1)")
+    device: str | None = device_setting()
+    precision: str | None = precision_setting()
+    strict: bool = strict_setting()
+    allow_pickle: bool = allow_pickle_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def gallery_items(source: str | Path) -> list[tuple[str, Path]]:

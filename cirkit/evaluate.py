@@ -27,6 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    allow_pickle_setting,
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_workers_setting,
+    precision_setting,
+    setting,
+    strict_setting,
+)
 from cirkit.errors import CirkitError
 from cirkit.summary import StageResult, timed
 
@@ -39,38 +49,44 @@ SUBMISSION_DEPTH = 50
 class EvaluateConfig:
     """Settings of ``cirkit evaluate`` (recipe section ``evaluate``)."""
 
-    benchmark: str | None = None  # fashioniq, cirr, circo, genecis, generic, synth; None = detect
-    data: Path | None = None  # annotation root or benchmark folder
-    images: Path | None = None  # image root (default: data)
-    split: list[str] | None = None  # default: the benchmark's evaluation split(s)
-    backbone: str | None = None  # clip, vit, mllm, fake (a checkpoint folder names its own)
-    model: str | None = None
-    pretrained: str | None = None
-    mode: list[str] | None = None  # query modes, default ["composed"]
-    batch_size: int = 64
-    num_workers: int | None = None  # default: cirkit.encode.default_workers()
-    device: str | None = None
-    precision: str | None = None
-    strict: bool = False
-    submission: Path | None = None  # folder for test-server / ranking files
-    output: Path | None = None  # metrics.json path
-    caption_join: str | None = None  # FashionIQ: and | first | second (default and)
-    exclude_reference: bool | None = None  # None = the benchmark's official protocol
-    allow_pickle: bool = False
-    chunk_size: int = 256  # queries ranked per matrix product
+    benchmark: str | None = setting(None, positional=True, metavar="BENCHMARK", show_default="detected from --data",
+                                    help="fashioniq, cirr, circo, genecis, generic or synth.")
+    data: Path | None = setting(None, short="-d", help="Annotation root or benchmark folder.")
+    images: Path | None = setting(None, aliases=("-i",), show_default="--data", help="Image root.")
+    split: list[str] | None = setting(None, short="-s", show_default="the benchmark's val/test splits",
+                                      help="Splits to evaluate (repeat or comma-separate).")
+    backbone: str | None = setting(None, aliases=("-b",),
+                                   help="clip, vit, mllm or fake (a checkpoint folder names its own).")
+    model: str | None = setting(None, short="-m", help="open_clip model name, or a cirkit checkpoint folder.")
+    pretrained: str | None = setting(None, help="open_clip pretrained tag or a local .safetensors file.")
+    mode: list[str] | None = setting(None, show_default="composed",
+                                     help="Query modes: composed, image, text, sum; repeat to compare in one run.")
+    batch_size: int = batch_size_setting(64, "Images")
+    num_workers: int | None = num_workers_setting(show_default="min(4, cores-1)")
+    device: str | None = device_setting()
+    precision: str | None = precision_setting()
+    strict: bool = strict_setting()
+    submission: Path | None = setting(None, help="Folder for test-server files (CIRR, CIRCO) or rankings (others).")
+    output: Path | None = setting(None, short="-o", help="Write metrics.json here.")
+    caption_join: str | None = setting(None, choices=("and", "first", "second"), show_default="and",
+                                       help="FashionIQ captions: and ('c1 and c2'), first, second.")
+    exclude_reference: bool | None = setting(
+        None, flag="--exclude-reference/--keep-reference", show_default="the benchmark's protocol",
+        help="Remove each query's reference from its ranking.")
+    allow_pickle: bool = allow_pickle_setting()
+    chunk_size: int = setting(256, ge=1, cli=False, help="Queries ranked per matrix product.")
 
     def __post_init__(self):
         if isinstance(self.mode, str):
             self.mode = [self.mode]
         if isinstance(self.split, str):
             self.split = [self.split]
+        check_settings(self)
         from cirkit.backbones.base import QUERY_MODES
 
         for m in self.mode or []:
             if m not in QUERY_MODES:
                 raise CirkitError(f"unknown query mode {m!r}; choose from {', '.join(QUERY_MODES)}")
-        if self.batch_size < 1:
-            raise CirkitError(f"batch size must be at least 1, got {self.batch_size}")
 
     @property
     def modes(self) -> list[str]:

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from cirkit.config import check_settings, setting
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.embeddings import MANIFEST_KEY, read_manifest_from_schema
 from cirkit.records import EmbeddingManifest
@@ -67,17 +68,25 @@ KMEANS_SAMPLE_RATE = 128
 class IndexConfig:
     """Settings of ``cirkit index`` (see the module docstring for the layout)."""
 
-    embeddings: Path | None = None
-    output: str | None = None
-    table: str = DEFAULT_TABLE
-    metadata: Path | None = None
-    delete: str | None = None
-    ann: bool | None = None
-    ann_threshold: int = 100_000
-    index_type: str = "IVF_PQ"
-    num_partitions: int | None = None
-    num_sub_vectors: int | None = None
-    cache_dir: Path | None = None
+    embeddings: Path | None = setting(
+        None, positional=True, metavar="EMBEDDINGS",
+        help="Embeddings store (X.lance from 'cirkit embed'); optional with --delete.")
+    output: str | None = setting(None, short="-o", help="Index location: a folder or any LanceDB URI.")
+    table: str = setting(DEFAULT_TABLE, help="Table name inside the index.")
+    metadata: Path | None = setting(None, help="JSONL of {id, any columns} to store beside the vectors.")
+    delete: str | None = setting(None, help="Ids to remove: a file (one per line) or id,id,...")
+    ann: bool | None = setting(None, flag="--ann/--no-ann", show_default="by --ann-threshold",
+                               help="Force (or drop) the ANN index.")
+    ann_threshold: int = setting(100_000, ge=0, help="Build an ANN index from this many rows.")
+    index_type: str = setting("IVF_PQ", choices=INDEX_TYPES, help="ANN index kind.")
+    num_partitions: int | None = setting(None, ge=1, show_default="min(sqrt(N), N/256)", help="IVF partitions.")
+    num_sub_vectors: int | None = setting(None, ge=1, show_default="largest divisor of dim <= dim/8",
+                                          help="PQ sub-vectors.")
+    cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
+                                     help="Folder of the exact-search vector cache.")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_workers_setting,
+    setting,
+    strict_setting,
+)
 from cirkit.errors import CirkitError, ImageError
 from cirkit.summary import StageResult, timed
 
@@ -30,29 +38,38 @@ HTML_LIMIT = 100  # queries shown in a batch's contact sheet
 class QueryConfig:
     """Settings of ``cirkit query``."""
 
-    image: Path | None = None
-    text: str | None = None
-    index: str | None = None
-    table: str = "images"
-    model: str | None = None
-    backbone: str | None = None
-    pretrained: str | None = None
-    mode: str = "composed"
-    device: str | None = None
-    k: int = 10
-    where: str | None = None
-    exclude_reference: bool = False
-    search: str = "auto"
-    nprobes: int | None = None
-    refine_factor: int | None = None
-    html: Path | None = None
-    grid: Path | None = None
-    batch: Path | None = None
-    output: Path = Path("results.jsonl")
-    batch_size: int = 64
-    num_workers: int | None = 0
-    strict: bool = False
-    cache_dir: Path | None = None
+    image: Path | None = setting(None, positional=True, metavar="IMAGE",
+                                 help="Reference image (omit for a text-only query).")
+    text: str | None = setting(None, positional=True, metavar="TEXT", flag="--text", short="-t",
+                               help='Modification text, e.g. "make it red".')
+    index: str | None = setting(None, aliases=("-i",), help="Index made by 'cirkit index'.")
+    table: str = setting("images", help="Table name inside the index.")
+    model: str | None = setting(None, short="-m", show_default="the index's model",
+                                help="Checkpoint folder or model name.")
+    backbone: str | None = setting(None, help="clip, vit, mllm or fake.")
+    pretrained: str | None = setting(None, help="open_clip pretrained tag (clip).")
+    mode: str = setting("composed", help="composed, image, text or sum.")
+    device: str | None = device_setting()
+    k: int = setting(10, ge=1, flag="--k", short="-k", help="Results per query.")
+    where: str | None = setting(None, help='SQL filter on metadata columns, e.g. "year > 2020".')
+    exclude_reference: bool = setting(False, flag="--exclude-reference/--keep-reference",
+                                      help="Drop the reference image from the results.")
+    search: str = setting("auto", choices=("auto", "exact", "ann"), help="How to search the index.")
+    nprobes: int | None = setting(None, ge=1, show_default="max(16, 2% of partitions)",
+                                  help="ANN partitions probed per query.")
+    refine_factor: int | None = setting(None, ge=1, show_default="30", help="ANN: re-rank k*factor candidates exactly.")
+    html: Path | None = setting(None, help="Write a self-contained HTML contact sheet.")
+    grid: Path | None = setting(None, help="Write a PNG grid of query and results.")
+    batch: Path | None = setting(None, help="queries.jsonl (cirkit Query records) to answer.")
+    output: Path = setting(Path("results.jsonl"), short="-o", help="Batch results file.")
+    batch_size: int = batch_size_setting(64, "Queries embedded")
+    num_workers: int | None = num_workers_setting(0)
+    strict: bool = strict_setting()
+    cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
+                                     help="Folder of the exact-search vector cache.")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 class Timer:

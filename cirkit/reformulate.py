@@ -45,6 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_beams_setting,
+    precision_setting,
+    sampling_temperature_setting,
+    setting,
+    top_p_setting,
+    trust_remote_code_setting,
+)
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.atomic import check_file_output
 from cirkit.io.jsonl import JsonlAppender, check_not_input, iter_complete, read_records
@@ -82,30 +93,38 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
 class ReformulateConfig:
     """Settings of ``cirkit reformulate`` (CLI flags, recipe keys and Python arguments alike)."""
 
-    captions: Path | None = None
-    output: Path = Path("triplets.jsonl")
-    generator: str = "llm"
-    model: str | None = None
-    gguf_file: str | None = None
-    prompt: str | None = None
-    system: str | None = None
-    pairing: str = "random"
-    group_field: str | None = None
-    min_sim: float = 0.5
-    max_sim: float = 0.95
-    embed_model: str | None = None
-    count: int = 1000
-    seed: int = 0
-    max_pairs_per_image: int = 2
-    max_words: int = 12
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
+    captions: Path | None = setting(
+        None, positional=True, metavar="CAPTIONS", help="captions.jsonl (from `cirkit caption` or `cirkit synth`).")
+    output: Path = setting(Path("triplets.jsonl"), short="-o", help="Triplets JSONL to write or resume.")
+    generator: str = setting("llm", short="-g", choices=GENERATORS,
+                             help="llm, or template (rule-based, no model).")
+    model: str | None = setting(None, short="-m", show_default="offline SmolLM2-135M-Instruct",
+                                help="Causal LM hub id or folder.")
+    gguf_file: str | None = setting(None, help="A GGUF file (path, or name inside --model).")
+    prompt: str | None = setting(None, help="User prompt with {reference} and {target} placeholders.")
+    system: str | None = setting(None, help="System message for the chat template.")
+    pairing: str = setting("random", choices=PAIRINGS, help="How captions are paired: random, same-group, similar.")
+    group_field: str | None = setting(None, show_default="group, else the parent folder",
+                                      help="same-group: caption field to group by.")
+    min_sim: float = setting(0.5, ge=-1, le=1, help="similar: lowest caption cosine.")
+    max_sim: float = setting(0.95, ge=-1, le=1, help="similar: highest caption cosine.")
+    embed_model: str | None = setting(None, show_default="offline all-MiniLM-L6-v2",
+                                      help="similar: text embedding model.")
+    count: int = setting(1000, ge=1, short="-n", help="Pairs to draw.")
+    seed: int = setting(0, ge=0, help="Pairing (and sampling) seed.")
+    max_pairs_per_image: int = setting(2, ge=1, help="Most pairs with the same reference image.")
+    max_words: int = setting(12, ge=1, help="Word limit of an instruction.")
+    max_new_tokens: int = setting(32, ge=1, help="Longest reply in tokens.")
+    temperature: float = sampling_temperature_setting()
+    top_p: float = top_p_setting()
+    num_beams: int = num_beams_setting()
+    batch_size: int = batch_size_setting(16, "Prompts", aliases=("-b",))
+    device: str | None = device_setting()
+    precision: str | None = precision_setting(aliases=("--dtype",))
+    trust_remote_code: bool = trust_remote_code_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def validate(self) -> None:
         if self.captions is None:
@@ -519,7 +538,7 @@ class _Instructions:
 
         if self.lm is None:
             c = self.config
-            self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.dtype, c.trust_remote_code)
+            self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code)
             # system + examples: prefilled once, reused by every batch
             self.prefix = shared_prefix(self.lm.tokenizer, self.p.system, self.p.examples, self.p.prompt)
         prompts = [chat_prompt(self.lm.tokenizer, self.p.prompt.format(reference=caps[i].caption.strip(),

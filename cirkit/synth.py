@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import check_settings, setting
 from cirkit.errors import CirkitError
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
@@ -284,15 +285,22 @@ def apply_edit(scene: Scene, edit: Edit) -> Scene:
 class SynthConfig:
     """Settings of ``cirkit synth``; sizes are per split where they concern the benchmark."""
 
-    out: Path
-    seed: int = 0
-    train_triplets: int = 2000
-    test_queries: int = 200
-    distractors: int = 200
-    image_size: int = 64
-    max_objects: int = 3
-    held_out: tuple[str, ...] | list[str] = DEFAULT_HELD_OUT
-    overwrite: bool = False
+    out: Path = setting(positional=True, metavar="OUT", flag="--output", short="-o",
+                        help="Output folder; must be new or empty unless --overwrite.")
+    seed: int = setting(0, help="Random seed; same seed, same bytes.")
+    train_triplets: int = setting(2000, ge=0, help="Training triplets to generate.")
+    test_queries: int = setting(200, ge=0, help="Queries per benchmark split (test, compositional).")
+    distractors: int = setting(200, ge=0, help="Extra random gallery images per split.")
+    image_size: int = setting(64, ge=16, le=1024, help="Image side in pixels.")
+    max_objects: int = setting(3, ge=2, le=3, help="Most objects in a scene (add/remove need room).")
+    held_out: tuple[str, ...] | list[str] = setting(
+        DEFAULT_HELD_OUT,
+        help="A 'COLOUR SHAPE' combination kept out of training for the compositional split; repeat or "
+        "comma-separate.")
+    overwrite: bool = setting(False, help="Replace OUT if it holds a previous synth output.")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def _a(word: str) -> str:

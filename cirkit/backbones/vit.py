@@ -281,7 +281,7 @@ def settings_from_config(config) -> dict[str, Any]:
         "cross_attn_layers": list(config.cross_attn_layers) if config.cross_attn_layers is not None else None,
         "predictor_hidden": config.predictor_hidden,
         "temperature": float(config.temperature),
-        "gate_init": float(config.extra.get("gate_init", 0.0)) if config.extra else 0.0,
+        "gate_init": float(config.gate_init),
         "null_text": NULL_TEXT,
     }
 

@@ -43,6 +43,7 @@ import torch
 from cirkit.device import mixed_precision  # --precision -> accelerate's mixed_precision, one table for all
 from cirkit.errors import CheckpointError, CirkitError
 from cirkit.summary import StageResult, make_progress, timed
+from cirkit.train.config import CHECK_SYNC_ENV, resume_keys
 from cirkit.train.plugin import TrainConfig, TrainPlugin
 
 log = logging.getLogger("cirkit")
@@ -50,12 +51,6 @@ log = logging.getLogger("cirkit")
 STATE_DIR = "trainer_state"
 CHECKPOINT_KIND = "checkpoint"
 METRICS = "metrics.jsonl"
-# Settings that must be the same to continue a run exactly (a key the saved run lacks is not compared).
-RESUME_KEYS = ("backbone", "stage", "data", "init", "model", "pretrained", "max_steps", "epochs", "batch_size",
-               "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler", "seed", "temperature",
-               "learn_temperature", "cross_attn", "cross_attn_layers", "ema", "ema_momentum", "lora_r",
-               "lora_alpha", "lora_dropout", "lora_target_modules", "full_finetune", "freeze_vision",
-               "target_image_loss", "max_length")
 
 
 # -- data order -------------------------------------------------------------------------------
@@ -272,7 +267,7 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
         result.details.update(max_steps=max_steps, steps_per_epoch=steps_per_epoch, processes=world,
                               samples_per_step=samples_per_step, trainable_parameters=n_trainable,
                               mixed_precision=accelerator.mixed_precision, device=str(device))
-        check_sync = bool(config.extra.get("check_sync", False)) if config.extra else False
+        check_sync = os.environ.get(CHECK_SYNC_ENV) == "1"
         start_step = step
         last = {"loss": float("nan")}
         from rich.progress import TextColumn
@@ -407,7 +402,8 @@ def _check_resume(config: TrainConfig, out: Path, processes: int = 1) -> None:
     saved = json.loads((out / "train_args.json").read_text(encoding="utf-8"))
     # The process count shapes each step's global batch and the steps per epoch.
     now = {**to_jsonable(config), "processes": processes}
-    diff = [k for k in (*RESUME_KEYS, "processes") if k in saved and saved[k] != now.get(k)]
+    # Settings that must be the same to continue a run exactly (a key the saved run lacks is not compared).
+    diff = [k for k in (*resume_keys(type(config)), "processes") if k in saved and saved[k] != now.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in diff)
         raise CirkitError(f"{out}: --resume needs the same settings as the interrupted run ({shown})")

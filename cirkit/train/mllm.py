@@ -179,7 +179,7 @@ class MllmTrainPlugin(TrainPlugin):
         if str(config.stage) not in ("1", "2"):
             raise CirkitError(f"--stage {config.stage} is not available for --backbone mllm; use 1 or 2")
         self.stage = str(config.stage)
-        self.templates = {**DEFAULT_TEMPLATES, **(config.extra.get("templates") or {})}
+        self.templates = {**DEFAULT_TEMPLATES, **(config.templates or {})}
         self.base_model: str | None = None
         self.processor: Any = None
 
@@ -197,7 +197,7 @@ class MllmTrainPlugin(TrainPlugin):
                 c.trust_remote_code, trainable=True,
             )
             self.base_model = cfg["base_model"]
-            if not c.extra.get("templates"):
+            if not c.templates:
                 self.templates = {**DEFAULT_TEMPLATES, **(cfg.get("templates") or {})}
         else:
             self.base_model = _base_id(c.model)

@@ -209,7 +209,7 @@ def test_full_finetune_writes_complete_weights(tiny, data, tmp_path):
 def test_custom_templates_are_used_and_recorded(tiny, data, tmp_path):
     templates = {"text": "Caption: <sent>\nOne word:", "end": ""}
     out = tmp_path / "tpl"
-    plugin = MllmTrainPlugin(_cfg(tiny, data, out, extra={"templates": templates}))
+    plugin = MllmTrainPlugin(_cfg(tiny, data, out, templates=templates))
     model, _ = _train(plugin, steps=1)
     plugin.save(model, out)
     bb = load_mllm_backbone(BackboneSpec(model=str(out)))
@@ -252,10 +252,10 @@ def test_shipped_mllm_recipes_resolve(recipe):
     assert text.startswith("#") and "cirkit train" in text  # header says how to run it
     cfg = resolve(TrainConfig, recipe, section="train")
     assert cfg.backbone == "mllm" and str(cfg.stage) in ("1", "2")
-    if cfg.extra.get("templates"):
+    if cfg.templates:
         Prompter.__init__  # noqa: B018 - templates are validated at build; check slots here
         for key, slot in (("image", "<image>"), ("composed", "<instruction>"), ("text", "<sent>")):
-            assert slot in {**DEFAULT_TEMPLATES, **cfg.extra["templates"]}[key]
+            assert slot in {**DEFAULT_TEMPLATES, **cfg.templates}[key]
 
 
 def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny, data, tmp_path):
