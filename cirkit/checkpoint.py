@@ -85,7 +85,7 @@ _COMMON = {"cirkit": (True, *_STR), "backbone": (True, *_STR)}
 SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
     "vit": {
         "model": (True, *_STR),
-        "embed_dim": (True, *_INT),
+        "embed_dim": (False, *_INT),  # informational: the loader measures it from the model
         "pretrained": (False, _opt(_STR[0]), "a string or null"),
         "cross_attn": (False, *_BOOL),
         "cross_attn_layers": (False, _opt(lambda v: isinstance(v, list) and all(map(_int, v))),
@@ -146,7 +146,9 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(data, dict) or not ("cirkit" in data or data.get("backbone") in FAMILIES):
+    if not isinstance(data, dict):  # no model library writes a config that is not an object
+        raise CheckpointError(f"{path}: not a JSON object; the checkpoint config is damaged, re-save or re-train it")
+    if not ("cirkit" in data or data.get("backbone") in FAMILIES):
         return None
     problem = _problem(data)
     if problem:

@@ -185,8 +185,8 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
     result = StageResult("train")
     out = Path(config.output)
     with timed(result):
-        accelerator = _accelerator(config)
         check_output(out, _inputs(config))  # one-line refusals before any work, on every process
+        accelerator = _accelerator(config)
         run = _Run(config, plugin, out, accelerator, result)
         try:
             with _writer(run):

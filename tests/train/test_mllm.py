@@ -148,6 +148,19 @@ def test_errors_are_one_line_and_say_what_to_do(tiny_llava, mllm_data, tmp_path)
         MllmTrainPlugin(TrainConfig(backbone="mllm", stage="1", model=str(tiny_llava))).dataset()
 
 
+def test_unreadable_images_are_reported_by_the_collate_not_raised(tiny_llava, mllm_data, tmp_path):
+    import shutil
+
+    d = Path(shutil.copytree(mllm_data, tmp_path / "d"))
+    (d / "img" / "red.png").write_bytes(b"not a png")
+    ds, collate = MllmTrainPlugin(_cfg(tiny_llava, d, tmp_path / "x")).dataset()
+    batch = collate([ds[i] for i in range(len(ds))])  # red, blue, green, yellow
+    assert batch["examples"] == 3 and [s[0] for s in batch["skipped"]] == [str(d / "img" / "red.png")]
+    assert {"query", "caption", "same"} <= set(batch)
+    too_few = collate([ds[0], ds[1]])  # one readable example: no batch, and no exception in a worker
+    assert set(too_few) == {"skipped", "examples"} and too_few["examples"] == 1
+
+
 # -- recipes -------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("mllm-*.yaml")), ids=lambda p: p.name)
 def test_shipped_mllm_recipes_resolve(recipe):
