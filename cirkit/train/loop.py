@@ -536,13 +536,20 @@ def _stop_requested(run: _Run) -> bool:
 
 
 def _interrupted_message(run: _Run) -> str:
-    held = run.saved_step
+    held, total = run.saved_step, run.max_steps
+    if held is None:  # stopped before setup knew: what does the folder hold?
+        from cirkit.checkpoint import read_progress
+
+        with contextlib.suppress(CirkitError, OSError):
+            progress = read_progress(run.out)
+            if progress is not None and progress["step"] < progress["max_steps"]:
+                held, total = progress["step"], progress["max_steps"]
     if held is None:
         return (f"interrupted before any step was saved; nothing was saved to {run.out}, "
                 "so running the same command again starts from the beginning")
     if held == run.step and held > run.start_step:
-        return f"interrupted: saved {run.out} at step {held} of {run.max_steps}; run the same command again to resume"
-    return (f"interrupted; {run.out} holds step {held} of {run.max_steps} (its last save): "
+        return f"interrupted: saved {run.out} at step {held} of {total}; run the same command again to resume"
+    return (f"interrupted; {run.out} holds step {held} of {total} (its last save): "
             "run the same command again to resume from there")
 
 

@@ -509,3 +509,24 @@ def test_a_batch_with_too_few_readable_images_is_one_line(data, tmp_path):
     assert line.startswith("error: a training batch has 0 readable examples, fewer than the 2 in-batch contrastive "
                            "training needs (4 of its images could not be decoded, e.g. ")
     assert line.endswith("fix or remove them); or raise --batch-size")
+
+
+def test_ctrl_c_while_a_resumed_run_loads_says_what_the_folder_holds(data, tmp_path, monkeypatch):
+    from cirkit.train import vit as vit_train
+    from cirkit.train.loop import train
+    from cirkit.train.plugin import TrainConfig
+    from cirkit.train.vit import VitTrainPlugin
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(backbone="vit", stage="1", data=data, output=out, model="cirkit-tiny", max_steps=4,
+                      batch_size=4, lr=1e-3, warmup_steps=1, num_workers=0, log_every=1, save_every=0)
+    train(cfg, VitTrainPlugin(cfg), stop_at=2)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vit_train.VitTrainPlugin, "build", interrupted)
+    r = invoke(["-q", *_args(data, out, 4)])
+    assert r.exit_code == 130
+    assert r.stderr.strip() == (f"error: interrupted; {out} holds step 2 of 4 (its last save): "
+                                "run the same command again to resume from there")

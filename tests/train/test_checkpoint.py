@@ -322,3 +322,11 @@ def test_truncate_metrics_keeps_lines_up_to_the_resumed_step(tmp_path):
         fh.write('{"step": 5, "lo')  # torn by a kill
     checkpoint.truncate_metrics(tmp_path, 2)
     assert [json.loads(x)["step"] for x in (tmp_path / checkpoint.METRICS).read_text().splitlines()] == [1, 2]
+
+
+def test_every_file_a_save_writes_is_in_the_layout_the_module_documents():
+    """One place to read what a checkpoint holds: a file added to OWNED must be described there too."""
+    for name in checkpoint.OWNED:
+        assert name in checkpoint.__doc__, name
+    for name in (checkpoint.STATE_JSON, checkpoint.STATE_OPTIMIZER, checkpoint.STATE_RNG):
+        assert name.split(".")[0] in checkpoint.__doc__, name
