@@ -55,6 +55,7 @@ from cirkit.config import (
     strict_setting,
     top_p_setting,
     trust_remote_code_setting,
+    wait_setting,
 )
 from cirkit.errors import CirkitError, ImageError, RecordError
 from cirkit.io.atomic import check_file_output, glob_escape
@@ -100,6 +101,7 @@ class CaptionConfig:
     device: str | None = device_setting()
     precision: str | None = precision_setting(aliases=("--dtype",))
     trust_remote_code: bool = trust_remote_code_setting()
+    wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -246,7 +248,7 @@ def _text_path(path: Path, out_dir: Path) -> str | None:
 
 def run(config: CaptionConfig) -> StageResult:
     """Caption images (or import captions with ``from_file``), appending records as they finish."""
-    wait = bool(getattr(config, "wait", False))
+    wait = bool(config.wait)
     if config.from_file is not None:
         return import_captions(config.from_file, config.output, strict=config.strict, wait=wait)
     if config.images is None:

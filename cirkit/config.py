@@ -162,6 +162,11 @@ def strict_setting() -> Any:
     return setting(False, flag="--strict/--no-strict", help="Fail on the first unreadable image instead of skipping it.")
 
 
+def wait_setting() -> Any:
+    return setting(False, help="If another cirkit run is writing the same output, wait for it to finish "
+                               "instead of stopping at once.")
+
+
 def trust_remote_code_setting() -> Any:
     return setting(False, help="Allow the model repository's own Python code.")
 

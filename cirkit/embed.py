@@ -22,6 +22,7 @@ from cirkit.config import (
     setting,
     strict_setting,
     trust_remote_code_setting,
+    wait_setting,
 )
 from cirkit.errors import CirkitError
 from cirkit.summary import StageResult, timed
@@ -44,6 +45,7 @@ class EmbedConfig:
     strict: bool = strict_setting()
     allow_pickle: bool = allow_pickle_setting()
     trust_remote_code: bool = trust_remote_code_setting()
+    wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)

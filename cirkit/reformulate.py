@@ -55,6 +55,7 @@ from cirkit.config import (
     setting,
     top_p_setting,
     trust_remote_code_setting,
+    wait_setting,
 )
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.atomic import check_file_output
@@ -122,6 +123,7 @@ class ReformulateConfig:
     device: str | None = device_setting()
     precision: str | None = precision_setting(aliases=("--dtype",))
     trust_remote_code: bool = trust_remote_code_setting()
+    wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -565,7 +567,7 @@ def run(config: ReformulateConfig) -> StageResult:
     for path in (out, rej):  # before their lock files are made beside them
         check_file_output(path)
         check_not_input(path, captions_path)
-    wait = bool(getattr(config, "wait", False))
+    wait = bool(config.wait)
     with timed(result), output_lock(out, wait, "triplets file"), output_lock(rej, wait, "rejected-triplets file"):
         caps = _load_captions(captions_path)
         p = _Prompting.from_config(config)

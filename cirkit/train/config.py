@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirkit import config as _config
-from cirkit.config import check_settings, setting
+from cirkit.config import check_settings, setting, strict_setting, wait_setting
 
 VIT = "ViT backbone"
 MLLM = "MLLM backbone"
@@ -96,6 +96,8 @@ class TrainConfig:
     merge: bool = setting(False, panel=MLLM, help="Also export merged LoRA weights as model.safetensors.")
     trust_remote_code: bool = setting(False, panel=MLLM, help="Allow model code from the hub.")
     allow_pickle: bool = setting(False, help="Allow loading pickle weights you trust.")
+    strict: bool = strict_setting()
+    wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)

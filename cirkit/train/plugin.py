@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ class TrainPlugin(abc.ABC):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def prepare(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Hook after ``accelerator.prepare`` (and after resume put back the trainable weights),
+        before :meth:`load_state_dict`: create what the loss needs beside the model (the EMA target)."""
+
     def after_step(self, model: torch.nn.Module, step: int) -> None:  # noqa: B027 (optional hook)
         """Hook after each optimiser step (EMA update)."""
 
@@ -90,4 +95,24 @@ class TrainPlugin(abc.ABC):
 
     @abc.abstractmethod
     def save(self, model: torch.nn.Module, folder: Path) -> None:
-        """Write the model files + ``config.json`` (with ``{"cirkit": version, "backbone": name}``)."""
+        """Write the model files + ``config.json`` (through :func:`cirkit.checkpoint.write_config`)."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A training example whose image could not be decoded: datasets return it instead of raising
+    (an exception in a DataLoader worker reaches the user as a traceback)."""
+
+    path: str
+    reason: str
+
+
+def readable(items: list[Any]) -> tuple[list[Any], list[tuple[str, str]]]:
+    """A collate's items split into the readable ones and ``(path, reason)`` of the rest.
+
+    A collate returns a dict carrying ``"skipped"`` (that list) and ``"examples"`` (how many
+    were readable); the loop takes both out, counts the skips and stops a batch too small
+    for in-batch contrastive training.
+    """
+    keep = [x for x in items if not isinstance(x, Unreadable)]
+    return keep, [(x.path, x.reason) for x in items if isinstance(x, Unreadable)]

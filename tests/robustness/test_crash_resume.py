@@ -261,6 +261,12 @@ def test_train_killed_after_a_save_resumes_to_the_same_result(synth_dir, train_r
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-    # Nothing in a checkpoint needs unpickling to resume or load.
-    kinds = {p.suffix for p in out.rglob("*") if p.is_file()}
+    # Nothing in a checkpoint needs unpickling to resume or load: by name and by content.
+    from cirkit.checkpoint import weights_format
+    from cirkit.io.atomic import MARKER
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
     assert kinds <= {".safetensors", ".json", ".jsonl"}, kinds
+    assert json.loads((out / MARKER).read_text())["kind"] == "checkpoint"
+    assert not [p for p in files if weights_format(p) == "pickle"]
