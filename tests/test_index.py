@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from cirkit.errors import CirkitError
-from cirkit.index import IndexConfig, ann_params, open_index, run, topk_indices
+from cirkit.index import IndexConfig, run
 from cirkit.io.embeddings import EmbeddingStore
 from cirkit.records import EmbeddingManifest
+from cirkit.search import ann_params, open_index
 
 
 def unit(rng, n, d):
@@ -63,7 +64,7 @@ def test_upsert_by_id(base):
     r = run(IndexConfig(embeddings=store2, output=str(tmp / "idx")))
     assert (r.counts["added"], r.counts["updated"], r.counts["rows"]) == (1, 1, 61)
     ix = open_index(tmp / "idx")
-    got = ix.search(new[0], k=1, mode="exact")[0][0]
+    got = ix.search(new[0], k=1, strategy="exact")[0][0]
     assert got.id == ids[0] and got.score == pytest.approx(1.0, abs=1e-5)
     # metadata of an updated row survives an upsert that did not mention it
     row = ix.table.search().where(f"id = '{ids[0]}'").select(["colour"]).to_arrow().to_pylist()
@@ -84,7 +85,7 @@ def test_delete_is_idempotent(base):
     lst.write_text(f"{ids[1]}\n{ids[2]}\n")
     r = run(IndexConfig(output=str(tmp / "idx"), delete=str(lst)))
     assert r.counts["deleted"] == 0 and open_index(tmp / "idx").version == v
-    hits = open_index(tmp / "idx").search(vec[1], k=3, mode="exact")[0]
+    hits = open_index(tmp / "idx").search(vec[1], k=3, strategy="exact")[0]
     assert ids[1] not in [h.id for h in hits]
 
 
@@ -95,7 +96,7 @@ def test_other_model_refused_naming_both(base):
     with pytest.raises(CirkitError, match=r"fake fake \(dim 16\).*clip ViT-B-32@openai \(dim 16\)"):
         run(IndexConfig(embeddings=other, output=str(tmp / "idx")))
     with pytest.raises(CirkitError, match="clip ViT-B-32@openai"):
-        open_index(tmp / "idx").check_model({"backbone": "clip", "checkpoint": "ViT-B-32@openai", "dim": 16})
+        open_index(tmp / "idx").check_model(EmbeddingManifest(backbone="clip", checkpoint="ViT-B-32@openai", dim=16))
 
 
 def test_wrong_dimension_refused(base):
@@ -114,7 +115,7 @@ def test_exact_search_matches_brute_force(base):
     run(IndexConfig(embeddings=store, output=str(tmp / "idx")))
     ix = open_index(tmp / "idx")
     q = unit(np.random.default_rng(3), 5, 16)
-    got = ix.search(q, k=7, mode="exact")
+    got = ix.search(q, k=7, strategy="exact")
     want = np.argsort(-(q @ vec.T), axis=1, kind="stable")[:, :7]
     assert [[h.id for h in hs] for hs in got] == [[ids[j] for j in row] for row in want]
     assert got[0][0].score == pytest.approx(float((q[0] @ vec.T).max()), abs=1e-5)
@@ -124,7 +125,7 @@ def test_where_filter_exact_and_metadata_only_update(base):
     tmp, store, meta, ids, vec = base
     run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=meta))
     ix = open_index(tmp / "idx")
-    hits = ix.search(vec[0], k=5, where="colour = 'blue'", mode="exact")[0]
+    hits = ix.search(vec[0], k=5, where="colour = 'blue'", strategy="exact")[0]
     assert len(hits) == 5 and all(int(h.id[1:]) % 2 == 1 for h in hits)
     hits = ix.search(vec[0], k=100, where="n < 3")[0]
     assert sorted(h.id for h in hits) == ids[:3]
@@ -165,11 +166,11 @@ def test_ann_top1_matches_exact_with_filter(tmp_path):
     assert r.details["search"] == "ann" and r.details["ann"]["index_type"] == "IVF_PQ"
     ix = open_index(tmp_path / "idx")
     q = vec[::37] + 0.01
-    exact = ix.search(q, k=1, mode="exact")
+    exact = ix.search(q, k=1, strategy="exact")
     ann = ix.search(q, k=1)  # auto -> ANN
     assert [h[0].id for h in ann] == [h[0].id for h in exact]
-    ex_f = ix.search(q, k=3, where="half = 1", mode="exact")
-    an_f = ix.search(q, k=3, where="half = 1", mode="ann")
+    ex_f = ix.search(q, k=3, where="half = 1", strategy="exact")
+    an_f = ix.search(q, k=3, where="half = 1", strategy="ann")
     assert [h[0].id for h in an_f] == [h[0].id for h in ex_f]
     assert all(int(h.id[1:]) % 2 == 1 for hs in an_f for h in hs)
     # --no-ann drops it; auto threshold leaves small tables exact
@@ -185,8 +186,9 @@ def test_cache_follows_table_version(base):
     ix.table.delete(f"id = '{ids[0]}'")  # a writer that is not cirkit
     ix2 = open_index(tmp / "idx")
     assert len(ix2.cache()) == 59 and ix2.search(vec[0], k=1)[0][0].id != ids[0]
-    files = sorted(p.name for p in (tmp / "idx" / "images.cache").iterdir())
-    assert files == [f"v{ix2.version}.rows.arrow", f"v{ix2.version}.vectors.npy"]
+    files = sorted(p.name for p in (tmp / "idx" / "images.cache").iterdir() if not p.name.startswith("."))
+    assert files == [f"{ix2.cache_key}.rows.arrow", f"{ix2.cache_key}.vectors.npy"]
+    assert ix2.cache_key == f"{ix.identity}-v{ix2.version}"
 
 
 def test_ann_params_formula():
@@ -194,12 +196,6 @@ def test_ann_params_formula():
     assert ann_params(100_000, 512) == {"num_partitions": 316, "num_sub_vectors": 64}
     assert ann_params(720, 32)["num_partitions"] == 2
     assert ann_params(10, 30)["num_sub_vectors"] == 3
-
-
-def test_topk_indices_breaks_ties_by_position():
-    s = np.array([0.5, 0.9, 0.5, 0.9, 0.1, 0.5], np.float32)
-    assert topk_indices(s, 3).tolist() == [1, 3, 0]
-    assert topk_indices(s, 10).tolist() == [1, 3, 0, 2, 5, 4]
 
 
 def test_missing_index_is_a_user_error(tmp_path):

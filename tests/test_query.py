@@ -30,7 +30,6 @@ def gallery(tmp_path_factory):
     from cirkit.encode import encode_images
     from cirkit.index import IndexConfig, run
     from cirkit.io.embeddings import EmbeddingStore
-    from cirkit.records import EmbeddingManifest
 
     root = tmp_path_factory.mktemp("gallery")
     (root / "images").mkdir()
@@ -42,7 +41,7 @@ def gallery(tmp_path_factory):
         items.append((name, p))
     bb = load_backbone(BackboneSpec(backbone="fake", model="fake"))
     enc = encode_images(bb, items, num_workers=0)
-    store = EmbeddingStore.open_for_append(root / "gallery.lance", EmbeddingManifest.from_dict(bb.manifest()))
+    store = EmbeddingStore.open_for_append(root / "gallery.lance", bb.manifest())
     store.append(enc.ids, [f"images/{k}.png" for k in enc.ids], enc.vectors.numpy())
     meta = root / "meta.jsonl"
     warm = {"red", "yellow", "orange", "pink"}

@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 from PIL import Image
 
+from cirkit.records import Hit, Result
 from cirkit.report import link_to, write_grid, write_html
 
 
@@ -19,12 +20,12 @@ def entries(tmp_path: Path):
     for name, rgb in (("a b", (255, 0, 0)), ("c", (0, 0, 255))):
         Image.new("RGB", (40, 20), rgb).save(imgs / f"{name}.png")
     hits = [
-        {"rank": 1, "id": "a b", "score": 0.91, "image": str(imgs / "a b.png")},
-        {"rank": 2, "id": "gone", "score": 0.5, "image": str(imgs / "gone.png")},
+        Hit(1, "a b", 0.91, str(imgs / "a b.png")),
+        Hit(2, "gone", 0.5, str(imgs / "gone.png")),
     ]
     return [
-        {"id": "q1", "reference": str(imgs / "c.png"), "text": "make it <red> & shiny", "hits": hits},
-        {"id": "q2", "reference": None, "text": "text only", "hits": hits[:1]},
+        Result(id="q1", reference=str(imgs / "c.png"), text="make it <red> & shiny", hits=hits),
+        Result(id="q2", reference=None, text="text only", hits=hits[:1]),
     ]
 
 
