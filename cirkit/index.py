@@ -152,6 +152,10 @@ def _check(config: IndexConfig) -> None:
             raise CirkitError(f"{flag} must be at least 1, got {value}")
     if config.ann_threshold < 0:
         raise CirkitError(f"--ann-threshold must be at least 0, got {config.ann_threshold}")
+    if config.embeddings is not None and not Path(config.embeddings).exists():
+        raise CirkitError(f"{config.embeddings}: no such embeddings store (make one with 'cirkit embed')")
+    if config.metadata is not None and not Path(config.metadata).is_file():
+        raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
         return
     out = local_path(config.output).resolve()
@@ -176,10 +180,11 @@ def run(config: IndexConfig) -> StageResult:
     result = StageResult("index")
     uri, name = str(config.output), config.table
     with timed(result):
-        emb = _load_embeddings(Path(config.embeddings)) if config.embeddings else None
-        meta_rows, meta_cols = read_metadata(Path(config.metadata)) if config.metadata else ({}, [])
-        to_delete = _parse_delete(config.delete)
+        # the lock first (a second writer hears at once), then the inputs, which may be large
         with output_lock(lock_target(uri, name), wait=getattr(config, "wait", False), what="index table"):
+            emb = _load_embeddings(Path(config.embeddings)) if config.embeddings else None
+            meta_rows, meta_cols = read_metadata(Path(config.metadata)) if config.metadata else ({}, [])
+            to_delete = _parse_delete(config.delete)
             counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
             if _table_exists(uri, name):
                 index = Index.open(uri, name, config.cache_dir)

@@ -139,11 +139,6 @@ def write_html(path: str | Path, answers: Sequence[Result], title: str = "cirkit
     return path
 
 
-def grid_label(hit: Hit) -> str:
-    """``#1 · 0.612``: rank and score with a visible separator (the default font's space is 2 px)."""
-    return f"#{hit.rank} · {float(hit.score):.3f}"
-
-
 def _fit(draw, text: str, font, width: int) -> str:
     """``text`` cut with an ellipsis to at most ``width`` pixels in ``font``."""
     if draw.textlength(text, font=font) <= width:
@@ -153,8 +148,20 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def _rank_and_score(draw, font, hit: Hit, x: int, y: int, width: int) -> None:
+    """Rank at the left of the cell, score at its right: the default font's 2 px space made
+    ``#1 0.612`` read as ``#10.612``."""
+    rank, score = f"#{hit.rank}", f"{float(hit.score):.3f}"
+    room = width - draw.textlength(rank, font=font) - draw.textlength(score, font=font)
+    if room < 10:  # a tiny cell: one line with a visible separator
+        draw.text((x, y), _fit(draw, f"{rank} | {score}", font, width), fill=(0, 0, 0), font=font)
+        return
+    draw.text((x, y), rank, fill=(0, 0, 0), font=font)
+    draw.text((x + width - draw.textlength(score, font=font), y), score, fill=(0, 0, 0), font=font)
+
+
 def write_grid(path: str | Path, answers: Sequence[Result], size: int = 128) -> Path:
-    """A PNG: one row per query (query image + text, then the results with rank · score and id)."""
+    """A PNG: one row per query (query image + text, then the results with rank, score and id)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from cirkit.io.atomic import atomic_write
@@ -175,13 +182,13 @@ def write_grid(path: str | Path, answers: Sequence[Result], size: int = 128) -> 
         im, _ = thumbnail(a.reference, size) if a.reference else (Image.new("RGB", (size, size), (235, 235, 250)), False)
         sheet.paste(im, (pad, y))
         draw.rectangle([pad - 2, y - 2, pad + size + 1, y + size + 1], outline=(40, 90, 200), width=2)
-        text(pad, y + size + 2, f"Q {a.id}", (0, 0, 0))
+        text(pad, y + size + 2, f"query: {a.id}", (0, 0, 0))
         text(pad, y + size + 14, str(a.text or ""), (40, 90, 200))
         for c, h in enumerate(a.hits, start=1):
             x = pad + c * (size + pad)
             im, _ = thumbnail(h.image, size)
             sheet.paste(im, (x, y))
-            text(x, y + size + 2, grid_label(h), (0, 0, 0))
+            _rank_and_score(draw, font, h, x, y + size + 2, size)
             text(x, y + size + 14, str(h.id), (90, 90, 90))
     path = Path(path)
     with atomic_write(path, "wb") as fh:

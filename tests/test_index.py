@@ -201,3 +201,103 @@ def test_ann_params_formula():
 def test_missing_index_is_a_user_error(tmp_path):
     with pytest.raises(CirkitError, match="cirkit index"):
         open_index(tmp_path / "nothing")
+
+
+# -- data safety -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table", ["../victim", "/tmp/abs", "a/b", "..", ".hidden", "x y"])
+def test_table_names_that_escape_the_index_are_refused(base, table):
+    tmp, store, meta, ids, vec = base
+    victim = tmp / "victim.lance"
+    victim.mkdir()
+    (victim / "data.bin").write_bytes(b"precious")
+    (victim / "_versions").mkdir()  # an uncommitted-looking Lance folder: the old code removed it
+    with pytest.raises(CirkitError, match=r"--table .* is not a plain name"):
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx"), table=table))
+    assert (victim / "data.bin").read_bytes() == b"precious"
+    with pytest.raises(CirkitError, match="is not a plain name"):
+        open_index(tmp / "idx", table)
+
+
+def test_a_recipe_table_path_is_refused_too(base, tmp_path):
+    from cirkit.config import resolve
+
+    tmp, store, meta, ids, vec = base
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"index:\n  table: {tmp}/victim\n")
+    cfg = resolve(IndexConfig, recipe, {"embeddings": store, "output": str(tmp / "idx")}, section="index")
+    with pytest.raises(CirkitError, match="is not a plain name"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("value, message", [
+    (2**64, "holds an integer beyond 64 bits; write such numbers as strings"),
+    (-(2**70), "holds an integer beyond 64 bits"),
+])
+def test_metadata_integers_arrow_cannot_hold_are_one_line(base, value, message):
+    tmp, store, meta, ids, vec = base
+    m = tmp / "big.jsonl"
+    m.write_text(json.dumps({"id": ids[0], "n": 1}) + "\n" + json.dumps({"id": ids[1], "n": value}) + "\n")
+    with pytest.raises(CirkitError, match=message) as e:
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=m))
+    assert "\n" not in str(e.value) and "'n'" in str(e.value)
+    assert not (tmp / "idx" / "images.lance").exists()
+    # the same on an update of an existing table
+    run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=meta))
+    with pytest.raises(CirkitError, match="metadata column 'n'"):
+        run(IndexConfig(output=str(tmp / "idx"), metadata=m))
+
+
+def test_metadata_of_another_type_than_the_table_is_one_line(base):
+    tmp, store, meta, ids, vec = base
+    run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=meta))
+    m = tmp / "m.jsonl"
+    m.write_text(json.dumps({"id": ids[0], "n": {"nested": [1, 2]}}) + "\n")
+    with pytest.raises(CirkitError, match=r"metadata column 'n' has values of mixed or wrong types \(the index stores it as int64\)"):
+        run(IndexConfig(output=str(tmp / "idx"), metadata=m))
+
+
+@pytest.mark.parametrize("where", ["store", "inside", "table"])
+def test_the_index_is_never_written_into_its_own_input(base, where):
+    tmp, store, meta, ids, vec = base
+    out = {"store": store, "inside": store / "sub", "table": tmp / "idx"}[where]
+    emb = store if where != "table" else tmp / "idx" / "images.lance"
+    if where == "table":
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx")))
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    with pytest.raises(CirkitError, match="would be written into its own embeddings store"):
+        run(IndexConfig(embeddings=emb, output=str(out)))
+    assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_partitions", 0, "--num-partitions must be at least 1, got 0"),
+    ("num_sub_vectors", -4, "--num-sub-vectors must be at least 1, got -4"),
+    ("ann_threshold", -1, "--ann-threshold must be at least 0, got -1"),
+])
+def test_bad_numbers_are_refused_before_work(base, field, value, message):
+    tmp, store, meta, ids, vec = base
+    with pytest.raises(CirkitError, match=message):
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx"), **{field: value}))
+    assert not (tmp / "idx").exists()
+
+
+def test_a_table_cut_off_before_its_first_commit_is_rebuilt(base):
+    tmp, store, meta, ids, vec = base
+    t = tmp / "idx" / "images.lance"
+    (t / "_versions").mkdir(parents=True)
+    (t / "data").mkdir()
+    (t / "data" / "part.lance").write_bytes(b"half")
+    r = run(IndexConfig(embeddings=store, output=str(tmp / "idx")))
+    assert r.counts["added"] == 60 and open_index(tmp / "idx").count() == 60
+
+
+def test_a_folder_of_user_files_named_like_the_table_is_never_removed(base):
+    tmp, store, meta, ids, vec = base
+    t = tmp / "idx" / "images.lance"
+    t.mkdir(parents=True)
+    (t / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(CirkitError, match=r"is not a Lance table \(it holds holiday.jpg\)"):
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx")))
+    assert (t / "holiday.jpg").read_bytes() == b"mine"
