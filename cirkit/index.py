@@ -33,6 +33,7 @@ from cirkit.search import (
     RESERVED,
     Index,
     ann_params,
+    field_meta,
     lock_target,
 )
 from cirkit.summary import StageResult, timed
@@ -95,6 +96,10 @@ def read_metadata(path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
         for key in obj:
             if key != "id" and (key in RESERVED or key.startswith("_")):
                 raise RecordError(path, lineno, "reserved column name; rename it", key)
+            if key != "id" and (not key.strip() or "." in key or any(ord(ch) < 32 for ch in key)):
+                # Lance reads '.' as a path into a struct; empty or control-character names cannot be queried
+                raise RecordError(path, lineno, "not a usable column name (empty, or with '.' or control "
+                                                "characters); rename it", key)
             if key != "id" and key not in columns:
                 columns.append(key)
         if obj["id"] in rows:
@@ -117,6 +122,17 @@ def _load_embeddings(path: Path) -> tuple[EmbeddingManifest, list[str], list[str
     return manifest, ids, images, vectors
 
 
+def _has_empty_struct(t) -> bool:
+    """Whether an Arrow type holds a struct with no fields (Lance cannot store one)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return t.num_fields == 0 or any(_has_empty_struct(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_empty_struct(t.value_type)
+    return False
+
+
 def _column_arrays(columns: list[str], types: dict[str, Any], values: list[dict[str, Any]], where: str):
     """One Arrow array per metadata column, in the table's type where it has one; bad values in one line."""
     import pyarrow as pa
@@ -134,6 +150,9 @@ def _column_arrays(columns: list[str], types: dict[str, Any], values: list[dict[
             have = f" (the index stores it as {types[c]})" if c in types else ""
             raise CirkitError(f"{where}: metadata column {c!r} has values of mixed or wrong types{have}: "
                               f"{str(e).splitlines()[0]}") from None
+        if _has_empty_struct(out[c].type):
+            raise CirkitError(f"{where}: metadata column {c!r} holds an empty object {{}}, which the index "
+                              f"cannot store; drop it or give it fields")
     return out
 
 
@@ -351,12 +370,14 @@ def _build_params(index: Index, config: IndexConfig, n: int) -> dict[str, int | 
 
 
 def _is_current(index: Index, ix, config: IndexConfig, n: int) -> bool:
-    """Whether the ANN index can stay: this cirkit recorded its build, it is the asked type, and few rows are unindexed."""
+    """Whether the ANN index can stay: it is the asked type, few rows are unindexed, and no build was cut off."""
     stats = index.table.index_stats(ix.name)
     kind = getattr(stats, "index_type", None)
     stale = stats is not None and stats.num_unindexed_rows > STALE_FRACTION * max(n, 1)
-    if index.ann_record() is None:  # a build cut off before it was recorded (or another tool's)
+    if field_meta(index.table, "vector", ANN_KEY) is not None and index.ann_record() is None:
+        log.info("%s: the last ANN build was cut off before it was recorded; building it again", index.label)
         return False
+    # No record at all: an index an older cirkit built; it is kept (search falls back to the formula).
     return not stale and kind == config.index_type
 
 
@@ -402,10 +423,13 @@ def _build_ann(index: Index, config: IndexConfig, params: dict[str, int | None],
         cfg = IvfPq(num_sub_vectors=params["num_sub_vectors"], **common)
     else:
         cfg = HnswSq(**common)
+    record = {"index_uuid": None, "index_type": config.index_type, "distance": "cosine", **params, "rows_at_build": n}
+    # Recorded as pending first: a kill between the build and the final record leaves a record
+    # that names no index, which the next run rebuilds (_is_current) instead of guessing.
+    _record_ann(index, record)
     index.table.create_index("vector", config=cfg, replace=True)
-    built = index.vector_index()
-    record = {"index_uuid": getattr(built, "index_uuid", None), "index_type": config.index_type,
-              "distance": "cosine", **params, "rows_at_build": n}
-    # A kill between the build and this record leaves an unrecorded index, which the next
-    # run rebuilds (_is_current) rather than guessing its parameters.
+    _record_ann(index, {**record, "index_uuid": getattr(index.vector_index(), "index_uuid", None) or "unknown"})
+
+
+def _record_ann(index: Index, record: dict[str, Any]) -> None:
     index.table.update_field_metadata({"path": "vector", "metadata": {ANN_KEY.decode(): json.dumps(record)}})

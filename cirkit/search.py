@@ -212,7 +212,8 @@ class Index:
         """
         ix = self.vector_index()
         rec = field_meta(self.table, "vector", ANN_KEY)
-        if ix is None or rec is None or rec.get("index_uuid") != getattr(ix, "index_uuid", None):
+        # a pending record (index_uuid None) or one of an earlier index never matches
+        if ix is None or rec is None or rec.get("index_uuid") != (getattr(ix, "index_uuid", None) or "unknown"):
             return None
         return rec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,28 @@ def test_a_folder_of_user_files_named_like_the_table_is_never_removed(base):
     with pytest.raises(CirkitError, match=r"is not a Lance table \(it holds holiday.jpg\)"):
         run(IndexConfig(embeddings=store, output=str(tmp / "idx")))
     assert (t / "holiday.jpg").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("a.b", 1, "field 'a.b': not a usable column name"),
+    ("", 1, "odd.jsonl:1: not a usable column name"),
+    ("tab\there", 1, "not a usable column name"),
+    ("u", {}, "metadata column 'u' holds an empty object {}"),
+    ("v", [{"x": {}}], "metadata column 'v' holds an empty object {}"),
+])
+def test_metadata_the_index_cannot_store_is_one_line(base, key, value, message):
+    tmp, store, meta, ids, vec = base
+    m = tmp / "odd.jsonl"
+    m.write_text(json.dumps({"id": ids[0], key: value}) + "\n")
+    with pytest.raises(CirkitError, match=re.escape(message)):
+        run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=m))
+    assert not (tmp / "idx" / "images.lance").exists()
+
+
+def test_metadata_names_with_spaces_and_accents_are_kept(base):
+    tmp, store, meta, ids, vec = base
+    m = tmp / "ok.jsonl"
+    m.write_text(json.dumps({"id": ids[0], "a b": 1, "ÄÖ": "ü", "t": []}) + "\n")
+    run(IndexConfig(embeddings=store, output=str(tmp / "idx"), metadata=m))
+    hit = open_index(tmp / "idx").search(vec[0], k=1, metadata=True)[0][0]
+    assert hit.id == ids[0] and hit.metadata == {"a b": 1, "ÄÖ": "ü", "t": []}

@@ -219,3 +219,45 @@ def test_unknown_search_strategy_is_a_user_error(ann_index):
     root, ids, vec = ann_index
     with pytest.raises(CirkitError, match="unknown search strategy 'fast'"):
         open_index(root / "idx").search(vec[0], strategy="fast")
+
+
+def test_an_unwritable_cache_location_searches_from_memory(tmp_path, caplog):
+    ids, a, b, b_vec = _two_stores(tmp_path)
+    run(IndexConfig(embeddings=b, output=str(tmp_path / "idx")))
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("a file where a folder should be")
+    ix = open_index(tmp_path / "idx", cache_dir=not_a_dir)
+    assert ix.search(b_vec[7], k=1)[0][0].id == "new07"
+    assert "searching from memory" in caplog.text and not_a_dir.read_text().startswith("a file")
+
+
+def test_an_index_built_before_records_is_kept_and_searched_with_the_formula(ann_index, tmp_path):
+    root, ids, vec = ann_index
+    idx = tmp_path / "idx"
+    shutil.copytree(root / "idx", idx)
+    ix = open_index(idx)
+    ix.table.update_field_metadata({"path": "vector", "metadata": {ANN_KEY.decode(): None}})  # as an older cirkit left it
+    ix = open_index(idx)
+    assert ix.ann_info()["recorded"] is False
+    r = run(IndexConfig(embeddings=root / "a.lance", output=str(idx), ann=True))
+    assert "ann_built" not in r.counts and r.counts["unchanged"] == 720  # no silent rebuild of a large index
+    assert open_index(idx).nprobes() == default_nprobes(ann_params(720, 32)["num_partitions"])
+
+
+def test_a_build_killed_after_its_pending_record_is_rebuilt(ann_index, tmp_path, monkeypatch):
+    root, ids, vec = ann_index
+    idx = tmp_path / "idx"
+    shutil.copytree(root / "idx", idx)
+    import lancedb.table
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt  # stands in for the kill: after the pending record, before the index
+
+    monkeypatch.setattr(lancedb.table.LanceTable, "create_index", killed)
+    with pytest.raises(KeyboardInterrupt):  # a change of type forces a rebuild
+        run(IndexConfig(embeddings=root / "a.lance", output=str(idx), ann=True, index_type="IVF_HNSW_SQ"))
+    monkeypatch.undo()
+    ix = open_index(idx)
+    assert ix.ann_record() is None and ix.ann_info()["recorded"] is False  # the record names no index
+    r = run(IndexConfig(embeddings=root / "a.lance", output=str(idx), ann=True, num_partitions=5))
+    assert r.counts["ann_built"] == 1 and open_index(idx).ann_info()["num_partitions"] == 5
