@@ -122,7 +122,6 @@ def field_meta(table, column: str, key: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-
 # -- the index -------------------------------------------------------------------------------
 
 
