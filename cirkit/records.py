@@ -17,6 +17,7 @@ user's own metadata survives every stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -190,7 +191,9 @@ class Query(Record):
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with anything JSON cannot hold (dates, bytes, decimals from a table) as text."""
+    """``value`` with anything JSON cannot hold as text (dates, bytes, decimals from a table), and NaN/inf as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN: json.dumps would write a token other tools reject
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):

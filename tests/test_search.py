@@ -261,3 +261,13 @@ def test_a_build_killed_after_its_pending_record_is_rebuilt(ann_index, tmp_path,
     assert ix.ann_record() is None and ix.ann_info()["recorded"] is False  # the record names no index
     r = run(IndexConfig(embeddings=root / "a.lance", output=str(idx), ann=True, num_partitions=5))
     assert r.counts["ann_built"] == 1 and open_index(idx).ann_info()["num_partitions"] == 5
+
+
+def test_hits_serialise_to_strict_json():
+    import datetime
+
+    h = Hit(1, "a", 0.5, None, {"nan": float("nan"), "inf": float("-inf"), "when": datetime.date(2020, 1, 2),
+                                "raw": b"\x01", "nested": {"x": [float("nan"), 1.5]}})
+    text = json.dumps(Result(id="q", hits=[h]).to_dict(), allow_nan=False)
+    assert json.loads(text)["hits"][0]["metadata"] == {"nan": None, "inf": None, "when": "2020-01-02", "raw": "01",
+                                                       "nested": {"x": [None, 1.5]}}
