@@ -68,15 +68,13 @@ def gallery_items(source: str | Path) -> list[tuple[str, Path]]:
 
 
 def run(config: EmbedConfig, backbone=None) -> StageResult:
-    """Embed the gallery into ``config.output``; ``backbone`` overrides loading one from the config."""
-    import torch
+    """Embed the gallery into ``config.output``; ``backbone`` overrides loading one from the config.
 
-    from cirkit.backbones import load_backbone
-    from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import decoded_batches, default_workers
-    from cirkit.io.embeddings import EmbeddingStore
-    from cirkit.records import EmbeddingManifest
-    from cirkit.summary import Rate, make_progress
+    The store is written under its single-writer lock for the whole run: a second ``embed``
+    on the same store fails at once naming this one (or waits, with ``wait``).
+    """
+    from cirkit.io.embeddings import store_location
+    from cirkit.io.lock import output_lock
 
     if config.input is None:
         raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
@@ -84,38 +82,57 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
         raise CirkitError("no output: pass -o gallery.lance")
     if config.batch_size < 1:
         raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise CirkitError(f"--num-workers must be at least 0, got {config.num_workers}")
+    store_location(config.output)
+    if Path(config.input).resolve() == Path(config.output).resolve():
+        raise CirkitError(f"{config.output}: is also the input; write the embeddings to another path (-o)")
     result = StageResult("embed")
     with timed(result):
         items = gallery_items(config.input)
-        if backbone is None:
-            backbone = load_backbone(BackboneSpec(
-                backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode="composed",
-                device=config.device, precision=config.precision, trust_remote_code=config.trust_remote_code,
-                allow_pickle=config.allow_pickle,
-            ))
-        info = backbone.manifest()
-        manifest = EmbeddingManifest(backbone=info["backbone"], checkpoint=info["checkpoint"], dim=int(info["dim"]),
-                                     source=info.get("source"), pretrained=info.get("pretrained"),
-                                     normalized=True, mode="image")
-        store = EmbeddingStore.open_for_append(config.output, manifest)
-        todo = [(k, p) for k, p in items if k not in store.done]
-        result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
-        path_of = dict(todo)
-        workers = default_workers() if config.num_workers is None else config.num_workers
-        rate = Rate("img")
-        with make_progress() as progress, torch.inference_mode():
-            task = progress.add_task("embedding", total=len(todo), rate="")
-            failed: list[tuple[str, str]] = []
-            for ids, batch in decoded_batches(backbone, todo, config.batch_size, workers, config.strict, failed,
-                                              progress, task, rate):
-                vecs = backbone.embed_images(batch).float().cpu().numpy()
-                result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
-        for key, reason in failed:
-            result.skip(str(path_of[key]), reason)
-        result.counts["failed"] = len(failed)
-        result.outputs = {"embeddings": str(config.output)}
-        result.details = {"manifest": manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers}
+        with output_lock(config.output, wait=config.wait, what="embeddings store"):
+            _embed(config, items, backbone, result)
     embedded = result.counts["embedded"]
     if embedded and result.seconds:
         result.metrics["images_per_s"] = round(embedded / result.seconds, 2)
     return result
+
+
+def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result: StageResult) -> None:
+    """Append the embeddings of the items not stored yet (under the store's lock)."""
+    import dataclasses
+
+    import torch
+
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+    from cirkit.encode import decoded_batches, default_workers
+    from cirkit.io.embeddings import EmbeddingStore
+    from cirkit.summary import Rate, make_progress
+
+    if backbone is None:
+        backbone = load_backbone(BackboneSpec(
+            backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode="composed",
+            device=config.device, precision=config.precision, trust_remote_code=config.trust_remote_code,
+            allow_pickle=config.allow_pickle,
+        ))
+    # the gallery side of the model: image embeddings, whatever the query mode
+    manifest = dataclasses.replace(backbone.manifest(), normalized=True, mode="image", count=None)
+    store = EmbeddingStore.open_for_append(config.output, manifest)
+    todo = [(k, p) for k, p in items if k not in store.done]
+    result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
+    path_of = dict(todo)
+    workers = default_workers() if config.num_workers is None else config.num_workers
+    rate = Rate("img")
+    with make_progress() as progress, torch.inference_mode():
+        task = progress.add_task("embedding", total=len(todo), rate="")
+        failed: list[tuple[str, str]] = []
+        for ids, batch in decoded_batches(backbone, todo, config.batch_size, workers, config.strict, failed,
+                                          progress, task, rate):
+            vecs = backbone.embed_images(batch).float().cpu().numpy()
+            result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+    for key, reason in failed:
+        result.skip(str(path_of[key]), reason)
+    result.counts["failed"] = len(failed)
+    result.outputs = {"embeddings": str(config.output)}
+    result.details = {"manifest": store.manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers}

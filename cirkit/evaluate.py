@@ -208,9 +208,9 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
                  "candidate_ties": "pessimistic"}.items():
         out[f"protocol/{k}"] = v
     manifest = backbone.manifest()
-    out["backbone"] = manifest.get("backbone")
-    out["checkpoint"] = manifest.get("checkpoint")
-    out["dim"] = manifest.get("dim")
+    out["backbone"] = manifest.backbone
+    out["checkpoint"] = manifest.checkpoint
+    out["dim"] = manifest.dim
     out["model"] = base_spec.model
     out["pretrained"] = base_spec.pretrained
     out["data"] = str(Path(config.data).resolve())

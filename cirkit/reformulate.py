@@ -492,9 +492,9 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
 
     embed_model = config.embed_model
     if embed_model is None:
-        from cirkit.text_embed import default_embed_model
+        from cirkit.text_embed import default_model_folder
 
-        embed_model = default_embed_model()  # locates it, loads nothing
+        embed_model = default_model_folder()  # locates it, loads nothing
     key = hashlib.sha256(json.dumps({
         "captions": [[c.id, c.caption] for c in caps], "embed_model": embed_model, "count": config.count,
         "seed": config.seed, "max_pairs_per_image": config.max_pairs_per_image, "min_sim": config.min_sim,

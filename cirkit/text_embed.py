@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def default_embed_model() -> str:
+def default_model_folder() -> str:
     """The folder of the shipped all-MiniLM-L6-v2 (located, not loaded)."""
     from cirkit.testing import MINILM_CONFIG, MINILM_PACKAGE, shipped_model
 
@@ -30,7 +30,7 @@ class TextEmbedder:
         from cirkit.generation import _load_error
 
         self.device = pick_device(device)
-        self.model_id = model or default_embed_model()
+        self.model_id = model or default_model_folder()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)

@@ -150,7 +150,7 @@ def captions(tmp_path):
 def test_output_that_is_a_folder(tmp_path, captions):
     (tmp_path / "out").mkdir()
     line = one_error(invoke(["caption", "--from", str(captions), "-o", str(tmp_path / "out")]))
-    assert line == f"error: {tmp_path / 'out'}: is a folder, not a file; give a file path"
+    assert line == f"error: {tmp_path / 'out'}: is a folder, but a file is written here; choose a file path"
 
 
 def test_output_under_a_file(tmp_path, captions):

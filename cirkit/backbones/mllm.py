@@ -38,6 +38,7 @@ import torch
 from cirkit.backbones.base import Backbone, BackboneSpec
 from cirkit.device import pick_device, pick_dtype
 from cirkit.errors import CheckpointError, CirkitError
+from cirkit.records import EmbeddingManifest
 
 log = logging.getLogger("cirkit")
 
@@ -319,8 +320,10 @@ class MllmBackbone(Backbone):
     def embed_composed(self, batch: list[Any], texts: list[str]) -> torch.Tensor:
         return self._embed("composed", self.prompter.composed(batch, texts))
 
-    def manifest(self) -> dict[str, Any]:
-        return {**super().manifest(), "templates": dict(self.prompter.templates)}
+    def manifest(self) -> EmbeddingManifest:
+        m = super().manifest()
+        m.extra["templates"] = dict(self.prompter.templates)
+        return m
 
 
 def keep_image(image: Any) -> Any:

@@ -36,16 +36,21 @@ def query(config: QueryConfig, json_out: bool) -> None:
 
 
 def _print_hits(result) -> None:
+    """A single query's hits as a table on stdout (with the index's metadata columns); timings on stderr."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    hits = result.details.get("hits")
-    if hits is not None:
+    if result.single:
+        columns = list(result.details.get("columns") or [])
         t = Table(show_edge=False, header_style="bold")
         for col, just in (("rank", "right"), ("score", "right"), ("id", "left"), ("path", "left")):
             t.add_column(col, justify=just, overflow="fold")
-        for h in hits:
-            t.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["id"]), str(h.get("image", "")))
+        for col in columns:
+            t.add_column(escape(col), overflow="fold")
+        for h in result.hits:
+            meta = [escape("" if h.metadata.get(c) is None else str(h.metadata.get(c))) for c in columns]
+            t.add_row(str(h.rank), f"{h.score:.4f}", escape(h.id), escape(h.image or ""), *meta)
         Console(highlight=False).print(t)
     Console(stderr=True, highlight=False).print(
         f"[dim]time ({result.details.get('search', '?')} search): {result.details.get('timing', '')}[/]"

@@ -49,7 +49,7 @@ def test_embeddings_are_normalised_and_independent_of_the_batch(tiny_llava, mllm
     comp = bb.embed_composed(ims[:2], ["make it blue", "make it green and much bigger please"])
     torch.testing.assert_close(bb.embed_composed(ims[:1], ["make it blue"])[0], comp[0], atol=1e-5, rtol=0)
     assert not torch.allclose(comp[0], full[0])  # the instruction changes the embedding
-    assert bb.manifest()["templates"]["image"] == DEFAULT_TEMPLATES["image"]
+    assert bb.manifest().extra["templates"]["image"] == DEFAULT_TEMPLATES["image"]
 
 
 def test_text_only_bypasses_the_vision_encoder_and_projector(tiny_llava, monkeypatch):

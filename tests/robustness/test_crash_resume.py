@@ -175,11 +175,11 @@ def store(tmp_path_factory):
 
 
 def _index_state(uri: Path, queries: np.ndarray):
-    from cirkit.index import open_index
+    from cirkit.search import open_index
 
     ix = open_index(uri)
     data = ix.table.to_arrow().sort_by("id")
-    hits = [[h.id for h in row] for row in ix.search(queries, k=5, mode="exact")]
+    hits = [[h.id for h in row] for row in ix.search(queries, k=5, strategy="exact")]
     ann = ix.ann_info()
     return (data.column("id").to_pylist(), data.column("vector").to_pylist(), data.column("image").to_pylist(),
             hits, ann and {k: ann[k] for k in ("num_partitions", "num_sub_vectors", "indexed_rows")})
