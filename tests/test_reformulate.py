@@ -216,21 +216,3 @@ def test_similar_with_default_minilm(captions_file, tmp_path):
     r = run(ReformulateConfig(captions=captions_file, output=out, generator="template", pairing="similar",
                               min_sim=0.8, max_sim=0.999, count=20, device="cpu"))
     assert r.counts["pairs"] > 0
-
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("reformulate-*.yaml"))
-                         + sorted((ROOT / "recipes").glob("caption-*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_load(recipe):
-    from cirkit.caption import CaptionConfig
-    from cirkit.config import resolve
-
-    assert recipe.read_text().startswith("#"), "each recipe starts with a comment header"
-    if recipe.name.startswith("caption-"):
-        cfg = resolve(CaptionConfig, recipe, {"images": "photos"}, section="caption")
-        assert cfg.model
-    else:
-        cfg = resolve(ReformulateConfig, recipe, {"captions": "c.jsonl"}, section="reformulate")
-        cfg.validate()
