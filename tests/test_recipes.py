@@ -9,6 +9,7 @@ whose section is not in ``SECTIONS`` fails here rather than going unchecked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -58,14 +59,15 @@ def header_of(recipe: Path) -> list[str]:
     return lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
 
 
-def command_options(command: str) -> set[str]:
+@functools.cache
+def command_options(command: str) -> frozenset[str]:
     """Every flag spelling of ``cirkit <command>`` (long, short and --no- forms), from the Typer app."""
     import typer
 
     from cirkit.cli import app
 
     cmd = typer.main.get_command(app).commands[command]
-    return {o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))}
+    return frozenset(o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", ())))
 
 
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")

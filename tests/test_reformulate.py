@@ -167,6 +167,7 @@ def test_resuming_an_output_of_non_objects_is_a_user_error(captions_file, tmp_pa
         run(cfg)
 
 
+@pytest.mark.slow
 def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
     from cirkit.generation import build_tiny_causal_lm
 

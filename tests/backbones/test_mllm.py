@@ -90,6 +90,7 @@ def _cfg(tiny: Path, data: Path, out: Path, stage: str = "1", **kw) -> TrainConf
 
 
 # -- embeddings ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_embeddings_are_normalised_and_independent_of_the_batch(tiny, data):
     bb = load_backbone(BackboneSpec(backbone="mllm", model=str(tiny)))
     assert isinstance(bb, MllmBackbone) and bb.dim == 32
@@ -155,6 +156,7 @@ def test_lora_targets_only_the_llm_and_the_vision_tower_stays_frozen(tiny, data,
     assert not any("k_proj.lora" in n for n in names)
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_adapters_save_reload_and_merge_identically(tiny, data, tmp_path):
     s1 = tmp_path / "stage1"
     plugin = MllmTrainPlugin(_cfg(tiny, data, s1, freeze_vision=False, gradient_checkpointing=True))
@@ -242,6 +244,7 @@ def test_encode_pipeline_runs_the_backbone_through_dataloader_workers(tiny, data
     assert q.ids == ["q1", "q2"] and q.vectors.shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny, data, tmp_path):
     from cirkit.train import run
 
