@@ -1,6 +1,7 @@
 """Shared fixtures: everything offline, small artefacts built once per session."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,27 @@ def mllm_data(tmp_path_factory):
     (d / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in caps))
     (d / "triplets.jsonl").write_text("".join(json.dumps(x) + "\n" for x in trips))
     return d
+
+
+# -- benchmark annotation fixtures ---------------------------------------------------------------
+# "project": files written by cirkit (tests/fixtures/benchmarks/README.md), always present.
+# "upstream": real samples of the released files, read in place when this checkout sits beside the
+# workspace's ../shared/fixtures (or CIRKIT_UPSTREAM_FIXTURES names a folder; point it at a missing
+# path to hide them). They are an extra check on real data and its quirks, so tests taking
+# ``benchmark_fixtures`` run once per source present, and a clone without them skips nothing.
+BENCHMARK_FIXTURES = {"project": Path(__file__).resolve().parent / "fixtures" / "benchmarks"}
+_UPSTREAM = Path(os.environ.get("CIRKIT_UPSTREAM_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+if _UPSTREAM.is_dir():
+    BENCHMARK_FIXTURES["upstream"] = _UPSTREAM
+
+
+def pytest_report_header(config):
+    upstream = f"upstream samples at {_UPSTREAM}" if "upstream" in BENCHMARK_FIXTURES else (
+        f"no upstream samples at {_UPSTREAM} (their [upstream] cases are not collected)")
+    return f"benchmark fixtures: project ({BENCHMARK_FIXTURES['project']}) + {upstream}"
+
+
+@pytest.fixture(scope="session", params=list(BENCHMARK_FIXTURES))
+def benchmark_fixtures(request) -> tuple[str, Path]:
+    """``(source, root)``: the annotation-fixture root of each source present (see above)."""
+    return request.param, BENCHMARK_FIXTURES[request.param]

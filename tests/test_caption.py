@@ -42,6 +42,7 @@ def cfg(images, out, model, **kw):
                          device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_llava_folder_run_skips_broken_and_records_settings(folder, llava, tmp_path):
     out = tmp_path / "out" / "captions.jsonl"
     r = run(cfg(folder, out, llava, prompt="describe the image"))
@@ -65,6 +66,7 @@ def test_default_prompt_for_chat_models(folder, llava, tmp_path):
     assert {c.prompt for c in read_records(out, Caption)} == {DEFAULT_PROMPT}
 
 
+@pytest.mark.slow
 def test_resume_writes_each_id_once(folder, llava, tmp_path):
     out = tmp_path / "c.jsonl"
     run(cfg(folder, out, llava, limit=3))
@@ -82,6 +84,7 @@ def test_resume_writes_each_id_once(folder, llava, tmp_path):
         run(cfg(folder, out, llava, prompt="another prompt"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_during_the_first_write(folder, llava, tmp_path):
     out = tmp_path / "c.jsonl"
     out.write_bytes(b'{"id": "bags/im0", "ima')  # killed before the first line was complete

@@ -1,17 +1,14 @@
 """``evaluate`` on the generic and synth formats, from Python and through the CLI."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from cirkit.cli import app
-from cirkit.config import resolve
 from cirkit.errors import CirkitError
 from cirkit.evaluate import EvaluateConfig, run
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "purple": (128, 0, 128), "black": (0, 0, 0)}
 
@@ -151,13 +148,3 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.exit_code == 1 and "no such folder" in r.output
     r = CliRunner().invoke(app, ["evaluate", "-d", str(tmp_path), "-b", "fake"])
     assert r.exit_code == 1 and "cannot tell which benchmark" in r.output
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("eval-*.yaml")), ids=lambda p: p.name)
-def test_shipped_eval_recipes_load(recipe):
-    text = recipe.read_text()
-    assert text.startswith("#") and "Run:" in text  # a header saying how to run it
-    cfg = resolve(EvaluateConfig, recipe, {"batch_size": 8}, section="evaluate")
-    assert cfg.benchmark in ("fashioniq", "cirr", "circo", "genecis", "generic", "synth")
-    assert cfg.batch_size == 8 and cfg.modes
-    assert recipe.name == f"eval-{cfg.benchmark}.yaml"

@@ -167,6 +167,7 @@ def test_resuming_an_output_of_non_objects_is_a_user_error(captions_file, tmp_pa
         run(cfg)
 
 
+@pytest.mark.slow
 def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
     from cirkit.testing import build_tiny_causal_lm
 
@@ -218,23 +219,6 @@ def test_similar_with_default_minilm(captions_file, tmp_path):
                               min_sim=0.8, max_sim=0.999, count=20, device="cpu"))
     assert r.counts["pairs"] > 0
 
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("reformulate-*.yaml"))
-                         + sorted((ROOT / "recipes").glob("caption-*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_load(recipe):
-    from cirkit.caption import CaptionConfig
-    from cirkit.config import resolve
-
-    assert recipe.read_text().startswith("#"), "each recipe starts with a comment header"
-    if recipe.name.startswith("caption-"):
-        cfg = resolve(CaptionConfig, recipe, {"images": "photos"}, section="caption")
-        assert cfg.model
-    else:
-        cfg = resolve(ReformulateConfig, recipe, {"captions": "c.jsonl"}, section="reformulate")
-        cfg.validate()
 
 
 # -- ids that cannot collide; outputs of the old id scheme still resume ------------------------------

@@ -1,7 +1,6 @@
 """Test-server files: the official examples validate, and ours round-trip to the same shape."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +13,15 @@ from cirkit.submission import (
     write_cirr_submission,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
 
 @pytest.fixture(scope="module")
-def fx():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"benchmark fixtures not found at {FIXTURES}")
+def fx(benchmark_fixtures):
+    """Read a fixture file of each source present: the project's own (always) and the real upstream
+    samples with the official demo/example submissions (when present; see tests/conftest.py)."""
+    root = benchmark_fixtures[1]
 
     def load(rel):
-        return json.loads((FIXTURES / rel).read_text(encoding="utf-8"))
+        return json.loads((root / rel).read_text(encoding="utf-8"))
 
     return load
 

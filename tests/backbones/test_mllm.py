@@ -35,6 +35,7 @@ def _images(mllm_data: Path):
 
 
 # -- embeddings ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_embeddings_are_normalised_and_independent_of_the_batch(tiny_llava, mllm_data):
     bb = load_backbone(BackboneSpec(backbone="mllm", model=str(tiny_llava)))
     assert isinstance(bb, MllmBackbone) and bb.dim == 32

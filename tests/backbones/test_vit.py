@@ -47,6 +47,7 @@ def test_every_block_gets_cross_attention_by_default_and_layers_are_configurable
         build_model({**SETTINGS, "cross_attn_layers": [5]})
 
 
+@pytest.mark.slow
 def test_text_changes_the_query_once_gates_open_and_padding_is_masked(tiny):
     model, _, tok = tiny
     m = __import__("copy").deepcopy(model)

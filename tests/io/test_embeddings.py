@@ -12,6 +12,7 @@ def _m(dim=4, checkpoint="ck"):
     return EmbeddingManifest(backbone="fake", checkpoint=checkpoint, dim=dim)
 
 
+@pytest.mark.slow
 def test_append_resume_and_read_back(tmp_path):
     p = tmp_path / "g.lance"
     v = np.eye(4, dtype=np.float32)
@@ -26,6 +27,7 @@ def test_append_resume_and_read_back(tmp_path):
     np.testing.assert_array_equal(vectors, v[:3])
 
 
+@pytest.mark.slow
 def test_refuses_vectors_from_another_model(tmp_path):
     p = tmp_path / "g.lance"
     EmbeddingStore.open_for_append(p, _m()).append(["a"], ["a.png"], np.ones((1, 4)))

@@ -6,9 +6,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_two_processes_keep_gradients_and_weights_in_sync(synth_dir, tmp_path):
     from cirkit.train import run
 

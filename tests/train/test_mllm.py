@@ -1,4 +1,4 @@
-"""Training the mllm backbone: the plugin on its own, its checkpoints, the generic loop, the recipes.
+"""Training the mllm backbone: the plugin on its own, its checkpoints, the generic loop (its recipes: tests/test_recipes.py).
 
 Moved from tests/backbones/test_mllm.py (issue 13: training tests live under tests/train/). The
 tiny LLaVA and the coloured-circle data are session fixtures of tests/conftest.py.
@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from cirkit.backbones import load_backbone  # noqa: E402
 from cirkit.backbones.base import BackboneSpec  # noqa: E402
-from cirkit.backbones.mllm import DEFAULT_TEMPLATES, MllmBackbone, Prompter, load_mllm_backbone  # noqa: E402
+from cirkit.backbones.mllm import DEFAULT_TEMPLATES, MllmBackbone, load_mllm_backbone  # noqa: E402
 from cirkit.errors import CheckpointError, CirkitError  # noqa: E402
 from cirkit.train.mllm import MllmTrainPlugin  # noqa: E402
 from cirkit.train.plugin import TrainConfig  # noqa: E402
@@ -159,21 +159,6 @@ def test_unreadable_images_are_reported_by_the_collate_not_raised(tiny_llava, ml
     assert {"query", "caption", "same"} <= set(batch)
     too_few = collate([ds[0], ds[1]])  # one readable example: no batch, and no exception in a worker
     assert set(too_few) == {"skipped", "examples"} and too_few["examples"] == 1
-
-
-# -- recipes -------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("mllm-*.yaml")), ids=lambda p: p.name)
-def test_shipped_mllm_recipes_resolve(recipe):
-    from cirkit.config import resolve
-
-    text = recipe.read_text()
-    assert text.startswith("#") and "cirkit train" in text  # header says how to run it
-    cfg = resolve(TrainConfig, recipe, section="train")
-    assert cfg.backbone == "mllm" and str(cfg.stage) in ("1", "2")
-    if cfg.templates:
-        Prompter.__init__  # noqa: B018 - templates are validated at build; check slots here
-        for key, slot in (("image", "<image>"), ("composed", "<instruction>"), ("text", "<sent>")):
-            assert slot in {**DEFAULT_TEMPLATES, **cfg.templates}[key]
 
 
 def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny_llava, mllm_data, tmp_path):
