@@ -31,7 +31,45 @@ def evaluate(config: EvaluateConfig, json_out: bool) -> None:
 
       cirkit evaluate -c recipes/eval-fashioniq.yaml --caption-join first
     """
-    from cirkit.evaluate import print_table, run
+    from cirkit.evaluate import run
 
     result = run(config)
     emit(result, json_out, render=lambda: print_table(result))
+
+
+def print_table(result) -> None:
+    """The metrics as rich tables on stderr: one row per mode (and split), then per task."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result.details.get("rows") or []
+    console = Console(stderr=True, highlight=False)
+    if not rows:
+        return
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    names = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
+    bench = result.metrics.get("benchmark", "")
+    table = Table(title=f"{bench} ({result.metrics.get('backbone')} {result.metrics.get('checkpoint')})")
+    table.add_column("mode")
+    if len(splits) > 1:
+        table.add_column("split")
+    for n in names:
+        table.add_column(n, justify="right")
+    for r in rows:
+        cells = [r["mode"]] + ([r["split"]] if len(splits) > 1 else [])
+        table.add_row(*cells, *[f"{r['metrics'][n]:.2f}" if n in r["metrics"] else "" for n in names])
+    console.print(table)
+    task_rows = [(r["mode"], r["split"], t, m) for r in rows for t, m in r["tasks"].items()]
+    if task_rows:
+        tnames = list(dict.fromkeys(n for *_, m in task_rows for n in m))
+        tt = Table(title="per task")
+        for c in ("mode", "split", "task"):
+            tt.add_column(c)
+        for n in tnames:
+            tt.add_column(n, justify="right")
+        for mode, split, t, m in task_rows:
+            tt.add_row(mode, split, t, *[f"{m[n]:.2f}" if n in m else "" for n in tnames])
+        console.print(tt)
+    primary = result.metrics.get("primary_metric")
+    if primary and primary in result.metrics:
+        console.print(f"primary metric {primary} = {result.metrics[primary]:.2f}")

@@ -76,11 +76,14 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     path = lock_file_for(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise CirkitError(f"{output}: its parent {path.parent} is a file, not a folder; choose another output") from None
+    except OSError as e:
+        raise CirkitError(f"{output}: cannot create its folder {path.parent} ({e.strerror}); "
+                          "choose an output in a folder you can write") from None
     lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
     try:
-        lock.acquire()
+        _acquire(lock, output, path)
     except Timeout:
         holder = describe_holder(path)
         if not wait:
@@ -90,11 +93,24 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
             ) from None
         log.info("%s: waiting for %s to finish writing it", output, holder)
         lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
-        lock.acquire()
+        _acquire(lock, output, path)
     try:
         yield path
     finally:
         lock.release()
+
+
+def _acquire(lock, output: Path, path: Path) -> None:
+    """``lock.acquire()``, with an unwritable folder (read-only, full disk) as a one-line error."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire()
+    except Timeout:
+        raise
+    except OSError as e:
+        raise CirkitError(f"{output}: cannot write its lock file {path} ({e.strerror}); "
+                          "choose an output in a folder you can write") from None
 
 
 def is_locked(output: str | Path) -> bool:

@@ -77,3 +77,22 @@ def test_lock_beside_a_file_parent_is_a_one_line_error(tmp_path):
     with pytest.raises(CirkitError, match="is a file, not a folder"):
         with output_lock(f / "out.jsonl"):
             pass
+
+
+def test_an_unwritable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    """Root ignores folder permissions, so the OS refusal is simulated where filelock opens the file."""
+    import errno
+
+    from filelock import FileLock
+
+    from cirkit.errors import CirkitError
+
+    def refuse(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(FileLock, "acquire", refuse)
+    with pytest.raises(CirkitError) as e:
+        with output_lock(tmp_path / "out.jsonl"):
+            pass
+    assert str(e.value) == (f"{tmp_path / 'out.jsonl'}: cannot write its lock file {tmp_path / '.out.jsonl.lock'} "
+                            "(Permission denied); choose an output in a folder you can write")

@@ -23,8 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Ranked, Task, need, read_json
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Ranked, Task, need, read_json
 from cirkit.records import Query
 
 
@@ -116,7 +116,7 @@ class CIRR(Benchmark):
         return {"exclude_reference": self.exclude_reference, "version": self.version, "target": "target_hard"}
 
     def write_submission(self, split: str, task: Task, ranked: Ranked, folder: Path) -> list[Path]:
-        from cirkit.submission import write_cirr_submission
+        from cirkit.evaluate.submission import write_cirr_submission
 
         split = "test1" if split == "test" else split
         return write_cirr_submission(folder, split, ranked.ids, ranked.subset, version=self.version)

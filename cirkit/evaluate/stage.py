@@ -1,6 +1,6 @@
 """``evaluate``: score a backbone on FashionIQ, CIRR, CIRCO, GeneCIS, a generic folder or synth.
 
-The benchmark adapter (:mod:`cirkit.benchmarks`) turns the official annotation files into
+The benchmark adapter (:mod:`cirkit.evaluate`) turns the official annotation files into
 tasks; here every gallery image is embedded once (shared by all tasks and query modes),
 each query mode embeds the queries, :func:`cirkit.retrieval.topk` ranks exactly, and the
 pure functions in :mod:`cirkit.metrics` score the rankings.
@@ -95,7 +95,7 @@ class EvaluateConfig:
 
 def run(config: EvaluateConfig, backbone=None) -> StageResult:
     """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object."""
-    from cirkit.benchmarks import load_benchmark
+    from cirkit.evaluate import load_benchmark
 
     result = StageResult("evaluate")
     with timed(result):
@@ -227,7 +227,7 @@ def rank_task(task, gids: list[str], gvec, queries: list, qvec, depth: int, chun
     """Rank one task's queries: global top-``depth``, subset rankings, per-query galleries."""
     import torch
 
-    from cirkit.benchmarks.base import Ranked
+    from cirkit.evaluate.base import Ranked
     from cirkit.retrieval import rank_of, topk
 
     gidx = {g: i for i, g in enumerate(gids)}
@@ -302,41 +302,3 @@ def score_task(task, queries: list, ranked) -> dict[str, float]:
         for k in task.subset_ks:
             out[f"Rs@{k}"] = M.recall_subset_at_k(sub, [q.targets for q in qs], [q.subset or [] for q in qs], k, excl)
     return out
-
-
-def print_table(result: StageResult) -> None:
-    """The metrics as rich tables on stderr: one row per mode (and split), then per task."""
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = result.details.get("rows") or []
-    console = Console(stderr=True, highlight=False)
-    if not rows:
-        return
-    splits = list(dict.fromkeys(r["split"] for r in rows))
-    names = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
-    bench = result.metrics.get("benchmark", "")
-    table = Table(title=f"{bench} ({result.metrics.get('backbone')} {result.metrics.get('checkpoint')})")
-    table.add_column("mode")
-    if len(splits) > 1:
-        table.add_column("split")
-    for n in names:
-        table.add_column(n, justify="right")
-    for r in rows:
-        cells = [r["mode"]] + ([r["split"]] if len(splits) > 1 else [])
-        table.add_row(*cells, *[f"{r['metrics'][n]:.2f}" if n in r["metrics"] else "" for n in names])
-    console.print(table)
-    task_rows = [(r["mode"], r["split"], t, m) for r in rows for t, m in r["tasks"].items()]
-    if task_rows:
-        tnames = list(dict.fromkeys(n for *_, m in task_rows for n in m))
-        tt = Table(title="per task")
-        for c in ("mode", "split", "task"):
-            tt.add_column(c)
-        for n in tnames:
-            tt.add_column(n, justify="right")
-        for mode, split, t, m in task_rows:
-            tt.add_row(mode, split, t, *[f"{m[n]:.2f}" if n in m else "" for n in tnames])
-        console.print(tt)
-    primary = result.metrics.get("primary_metric")
-    if primary and primary in result.metrics:
-        console.print(f"primary metric {primary} = {result.metrics[primary]:.2f}")

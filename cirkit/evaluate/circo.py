@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Ranked, Task, first_existing, need, read_json
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Ranked, Task, first_existing, need, read_json
 from cirkit.records import Query
 
 KS = (5, 10, 25, 50)
@@ -92,7 +92,7 @@ class CIRCO(Benchmark):
                 "map_on": "gt_img_ids"}
 
     def write_submission(self, split: str, task: Task, ranked: Ranked, folder: Path) -> list[Path]:
-        from cirkit.submission import write_circo_submission
+        from cirkit.evaluate.submission import write_circo_submission
 
         return [write_circo_submission(folder / f"circo-{split}-submission.json", ranked.ids)]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Task
-from cirkit.benchmarks.generic import load_generic_task, read_meta
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Task
+from cirkit.evaluate.generic import load_generic_task, read_meta
 
 
 class SynthBenchmark(Benchmark):

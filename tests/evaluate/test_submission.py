@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cirkit.submission import (
+from cirkit.evaluate.submission import (
     circo_submission,
     cirr_submission,
     validate_circo_submission,
@@ -81,7 +81,7 @@ def test_circo_validator_catches_mistakes(fx):
 # -- written atomically, under a lock; a killed write leaves a temp the next write removes -----------
 SLOW_WRITER = """
 import json, sys, time
-from cirkit.submission import write_circo_submission
+from cirkit.evaluate.submission import write_circo_submission
 
 def stuck(obj, fh, **kw):  # write part of the file, then hang until killed
     fh.write('{"0": [' + ", ".join(["1"] * 100_000))

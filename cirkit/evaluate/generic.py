@@ -21,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Task, read_json
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Task, read_json
 from cirkit.io import read_records
 from cirkit.records import GalleryItem, Query, resolve_path
 

@@ -34,8 +34,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Task, first_existing, need, read_json
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Task, first_existing, need, read_json
 from cirkit.records import Query
 
 OBJECT_TASKS = ("focus_object", "change_object")

@@ -10,9 +10,8 @@ import json
 import pytest
 from PIL import Image
 
-from cirkit.benchmarks import detect_benchmark, load_benchmark
-from cirkit.benchmarks.genecis import vaw_crop
-from cirkit.evaluate import EvaluateConfig, run
+from cirkit.evaluate import EvaluateConfig, detect_benchmark, load_benchmark, run
+from cirkit.evaluate.genecis import vaw_crop
 
 
 def test_vaw_crop_geometry():

@@ -1,4 +1,10 @@
-"""Benchmark adapters by name; ``load_benchmark`` picks one (or detects it from the data folder).
+"""The ``evaluate`` stage and the benchmark adapters it scores on.
+
+:mod:`cirkit.evaluate.stage` is the stage (``EvaluateConfig``, ``run``: embed, rank exactly, score
+with :mod:`cirkit.metrics`); each adapter module turns one benchmark's official files into
+:class:`~cirkit.evaluate.base.Task` lists (:mod:`cirkit.evaluate.base` holds the shared protocol:
+ties, pessimistic ranks, subsets); :mod:`cirkit.evaluate.submission` writes and checks the
+official test-server files. ``load_benchmark`` picks an adapter by name or detects it:
 
 | name        | ``--data``                                   | ``--images``                      |
 |-------------|----------------------------------------------|-----------------------------------|
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cirkit.errors import CirkitError
 
 if TYPE_CHECKING:
-    from cirkit.benchmarks.base import Benchmark
+    from cirkit.evaluate.base import Benchmark
 
 BENCHMARKS = ("fashioniq", "cirr", "circo", "genecis", "generic", "synth")
 
@@ -53,21 +59,23 @@ def load_benchmark(name: str | None, data: str | Path, images: str | Path | None
     data = Path(data)
     images = Path(images) if images is not None else None
     if name == "fashioniq":
-        from cirkit.benchmarks.fashioniq import FashionIQ as cls
+        from cirkit.evaluate.fashioniq import FashionIQ as cls
     elif name == "cirr":
-        from cirkit.benchmarks.cirr import CIRR as cls
+        from cirkit.evaluate.cirr import CIRR as cls
     elif name == "circo":
-        from cirkit.benchmarks.circo import CIRCO as cls
+        from cirkit.evaluate.circo import CIRCO as cls
     elif name == "genecis":
-        from cirkit.benchmarks.genecis import GeneCIS as cls
+        from cirkit.evaluate.genecis import GeneCIS as cls
     elif name == "generic":
-        from cirkit.benchmarks.generic import GenericBenchmark as cls
+        from cirkit.evaluate.generic import GenericBenchmark as cls
     elif name == "synth":
-        from cirkit.benchmarks.synth import SynthBenchmark as cls
+        from cirkit.evaluate.synth import SynthBenchmark as cls
     else:
         hint = "; to evaluate that folder pass it as --data" if Path(name).exists() else ""
         raise CirkitError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}{hint}")
     return cls(data, images, **options)
 
 
-__all__ = ["BENCHMARKS", "detect_benchmark", "load_benchmark"]
+from cirkit.evaluate.stage import EvaluateConfig, run  # noqa: E402  (the stage: light imports only)
+
+__all__ = ["BENCHMARKS", "EvaluateConfig", "detect_benchmark", "load_benchmark", "run"]

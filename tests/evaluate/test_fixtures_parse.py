@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cirkit.benchmarks import detect_benchmark, load_benchmark
-from cirkit.benchmarks.fashioniq import join_captions
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate import detect_benchmark, load_benchmark
+from cirkit.evaluate.fashioniq import join_captions
 
 
 def test_every_fixture_file_is_read_by_an_adapter(fixtures, tmp_path):
@@ -36,7 +36,7 @@ def test_every_fixture_file_is_read_by_an_adapter(fixtures, tmp_path):
         read.add(circo.load(split)[0].details["annotations"])
     gen = load_benchmark("genecis", fixtures / "genecis", tmp_path)
     read.update(t.details["file"] for t in gen.load("val"))
-    # the rest are the official submission examples, read by tests/test_submission.py
+    # the rest are the official submission examples, read by tests/evaluate/test_submission.py
     others = {"submission_examples", "demo_files"}
     every = {
         str(p) for p in fixtures.rglob("*.json") if not any(part in others for part in p.parts)

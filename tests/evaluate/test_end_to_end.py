@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cirkit.evaluate import EvaluateConfig, run
-from cirkit.submission import validate_circo_submission, validate_cirr_submission
+from cirkit.evaluate.submission import validate_circo_submission, validate_cirr_submission
 
 
 def evaluate(benchmark, data, images, **kw):

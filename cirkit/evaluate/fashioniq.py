@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cirkit.benchmarks.base import Benchmark, Task, need, read_json
 from cirkit.errors import CirkitError, RecordError
+from cirkit.evaluate.base import Benchmark, Task, need, read_json
 from cirkit.records import Query
 
 CATEGORIES = ("dress", "shirt", "toptee")
