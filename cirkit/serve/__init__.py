@@ -149,7 +149,12 @@ def run(config: ServeConfig, ready: Callable[[str], None] | None = None) -> Stag
                 ready(url)
             server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                                    lifespan="off", timeout_graceful_shutdown=5))
-            server.run(sockets=[sock])
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:
+                # uvicorn shuts down gracefully on Ctrl-C, then raises it again: for a server,
+                # being stopped is the normal end, not an interruption of unfinished work
+                pass
         finally:
             service.close()
     result.counts = {"requests": service.batcher.stats["jobs"], "batches": service.batcher.stats["batches"]}

@@ -11,8 +11,9 @@ from cirkit.backbones.fake import COLOURS
 
 GALLERY = ["red", "green", "blue", "yellow", "purple", "cyan", "white", "black", "orange", "pink"]
 WARM = {"red", "yellow", "orange", "pink"}
-# ids a lookup must take literally: an SQL quote, a path separator, '..', non-ASCII
-ODD_IDS = {"it's": "grey", "a/../b": "grey", "ünï cödé": "grey"}
+# ids a lookup must take literally and a page must show as text: an SQL quote, a path
+# separator, '..', non-ASCII, markup
+ODD_IDS = {"it's": "grey", "a/../b": "grey", "ünï cödé": "grey", "<img src=x onerror=alert(1)>": "grey"}
 
 
 def png(path: Path, rgb, size=(24, 24)) -> Path:
