@@ -104,7 +104,9 @@ def _listen(host: str, port: int):
     except socket.gaierror as e:
         raise CirkitError(f"--host {host!r}: not an address this machine has ({e.strerror})") from None
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only on sockets whose proto says TCP,
+    # and with it on, each response (headers, then body) waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

@@ -86,13 +86,13 @@ class Running:
     """A uvicorn server on a free 127.0.0.1 port in a thread (``url``), stopped on exit."""
 
     def __init__(self, app):
-        import socket
         import threading
 
         import uvicorn
 
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        from cirkit.serve import _listen
+
+        self.sock = _listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

@@ -53,6 +53,30 @@ def test_a_port_in_use_is_a_one_line_error(gallery):
     assert "Traceback" not in r.output
 
 
+def test_responses_are_not_held_back_by_nagle(gallery):
+    """The listening socket says TCP, so asyncio disables Nagle: a keep-alive request is not ~40 ms."""
+    import http.client
+
+    from cirkit.serve import _listen
+
+    from .conftest import Running, make_client
+
+    with _listen("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+    client, service = make_client(gallery / "idx")
+    with Running(client.app) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
+        took = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            conn.request("GET", "/api/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+            took.append(time.perf_counter() - t0)
+        conn.close()
+    service.close()
+    assert sorted(took)[len(took) // 2] < 0.03, took  # with Nagle on: >= 40 ms each (the client's delayed ACK)
+
+
 @pytest.mark.slow
 def test_cirkit_serve_process_answers_and_stops_on_ctrl_c(gallery):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CIRKIT_SERVE_TOKEN": "t0k"}
