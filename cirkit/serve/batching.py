@@ -28,6 +28,12 @@ class Closed(RuntimeError):
     """The batcher was closed before the job ran."""
 
 
+class Ticket:
+    """An announced job (see :meth:`MicroBatcher.expecting`)."""
+
+    queued = False
+
+
 class MicroBatcher:
     """One worker thread calling ``fn(jobs) -> results`` on batches of submitted jobs.
 
@@ -50,24 +56,33 @@ class MicroBatcher:
         self._thread.start()
 
     @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Announce a job that is being prepared, so a forming batch may wait for it (bounded)."""
+    def expecting(self) -> Iterator[Ticket]:
+        """Announce a job that is being prepared, so a forming batch may wait for it (bounded).
+
+        Pass the ticket to :meth:`put`: the job then stops being expected in the same step as it
+        is queued, so the worker never waits for a job that is already in its queue.
+        """
+        ticket = Ticket()
         with self._cv:
             self._expected += 1
         try:
-            yield
+            yield ticket
         finally:
             with self._cv:
-                self._expected -= 1
-                self._cv.notify_all()
+                if not ticket.queued:
+                    self._expected -= 1
+                    self._cv.notify_all()
 
-    def put(self, job: Any) -> Future:
-        """Queue ``job``; the future gives its result (or raises its error)."""
+    def put(self, job: Any, ticket: Ticket | None = None) -> Future:
+        """Queue ``job`` (announced with ``ticket``, if any); the future gives its result or error."""
         fut: Future = Future()
         with self._cv:
             if self._closed:
                 raise Closed("the server is shutting down")
             self._queue.append((job, fut, time.perf_counter()))
+            if ticket is not None and not ticket.queued:
+                ticket.queued = True
+                self._expected -= 1
             self._cv.notify_all()
         return fut
 

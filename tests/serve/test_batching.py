@@ -53,11 +53,17 @@ def test_a_lone_job_does_not_wait_and_a_batch_waits_only_for_announced_jobs():
     assert b.submit("a") == 1
     assert time.perf_counter() - t0 < 1.0  # nobody else announced: no 2 s wait
     # one request still preparing (decoding its upload): the batch waits for it, boundedly
-    with b.expecting():
+    with b.expecting() as ticket:
         fut = b.put("first")
         time.sleep(0.1)
-        second = b.put("second")
+        second = b.put("second", ticket)
     assert fut.result(5) == 2 and second.result(5) == 2
+    # a job queued with its ticket is no longer expected: its batch does not wait for it
+    t0 = time.perf_counter()
+    with b.expecting() as ticket:
+        fut = b.put("alone", ticket)
+        assert fut.result(5) == 1
+    assert time.perf_counter() - t0 < 1.0
     t0 = time.perf_counter()
     with b.expecting():  # announced but never submitted: the wait ends at max_wait
         b2 = MicroBatcher(lambda jobs: [0] * len(jobs), max_batch=8, max_wait=0.2)
