@@ -25,10 +25,17 @@ backbone (dim 32). Everything stops by itself.
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import json
 import os
+
+# Both sides (this process's in-process path and the server) run torch with passive OpenMP waits:
+# on a shared, oversubscribed machine, spinning OpenMP workers of a main thread's team burn their
+# time slices (we measured the same model call at 18 ms in a worker thread and 200-700 ms on the
+# main thread of the same process while other jobs ran). Set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
 import random
 import shutil
 import signal
