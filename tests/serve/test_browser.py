@@ -188,3 +188,19 @@ def test_page_asks_for_the_token(chromium, gallery, tmp_path):
     service.close()
     # the two 401 answers before the token was given are the only errors the browser logged
     assert all("401" in p for p in problems), problems
+
+
+def test_api_docs_page_lists_the_routes(chromium, gallery):
+    client, service = make_client(gallery / "idx")
+    with Running(client.app) as server:
+        page = chromium.new_page()
+        problems = watch(page)
+        page.goto(server.url + "/docs")
+        page.wait_for_selector("#routes section.route")
+        heads = page.eval_on_selector_all("#routes h2", "hs => hs.map(h => h.textContent)")
+        assert {"GET /api/search", "POST /api/search", "GET /api/info", "GET /api/thumb"} <= set(heads)
+        fields = page.text_content("#routes")
+        assert "reference_id" in fields and "exclude_reference" in fields and "image" in fields
+        page.close()
+    service.close()
+    assert problems == []
