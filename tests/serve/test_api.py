@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import zlib
@@ -322,3 +323,46 @@ def test_openapi_schema_and_docs_page(client):
 def test_every_gallery_image_is_searchable_by_id(client):
     for name in set(GALLERY) - {"black"}:  # the fake backbone embeds black as a near-zero vector
         assert ids(client.get("/api/search", params={"reference_id": name, "k": 1})) == [name]
+
+
+def test_images_the_index_stores_as_urls_are_never_fetched(tmp_path):
+    """A row whose image is a URL (s3://, http://): its thumbnail and reference are a 404, not a fetch."""
+    import numpy as np
+
+    from cirkit.backbones.fake import FakeBackbone
+    from cirkit.index import IndexConfig, run
+    from cirkit.io.embeddings import EmbeddingStore
+
+    root = tmp_path / "g"
+    idx = build_gallery(root, names=["red"], odd=False)
+    store = EmbeddingStore.open_for_append(root / "remote.lance", FakeBackbone().manifest())
+    vec = np.eye(1, 32, dtype=np.float32)
+    store.append(["s3", "web"], ["s3://bucket/x.jpg", "http://169.254.169.254/latest"], np.repeat(vec, 2, 0))
+    run(IndexConfig(embeddings=root / "remote.lance", output=str(idx)))
+    c, service = make_client(idx)
+    with c:
+        for item in ("s3", "web"):
+            r = c.get("/api/thumb", params={"id": item})
+            assert r.status_code == 404 and "is not a local file" in r.json()["error"], r.text
+            assert c.get("/api/search", params={"reference_id": item}).status_code == 404
+        assert set(ids(c.get("/api/search", params={"text": "red", "k": 3}))) == {"red", "s3", "web"}
+    service.close()
+
+
+def test_an_index_turned_to_another_model_while_serving_is_refused_not_mixed(tmp_path):
+    """A new version whose manifest names another model: searches are a 503 saying to restart."""
+    import lancedb
+
+    root = tmp_path / "g"
+    idx = build_gallery(root, names=["red", "blue"], odd=False)
+    c, service = make_client(idx)
+    with c:
+        assert ids(c.get("/api/search", params={"text": "red", "k": 1})) == ["red"]
+        ds = lancedb.connect(str(idx)).open_table("images").to_lance()
+        manifest = json.loads(ds.schema.metadata[b"cirkit"])
+        ds.update_schema_metadata({"cirkit": json.dumps({**manifest, "checkpoint": "another"})})
+        r = c.get("/api/search", params={"text": "red", "k": 1})
+        assert r.status_code == 503 and "built with fake another" in r.json()["error"]
+        assert "restart 'cirkit serve'" in r.json()["error"]
+        assert c.get("/api/health").status_code == 503
+    service.close()
