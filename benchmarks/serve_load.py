@@ -21,6 +21,7 @@ backbone (dim 32). Everything stops by itself.
 
     python benchmarks/serve_load.py                      # 100k rows, 1/8/32 clients, 240 requests each
     python benchmarks/serve_load.py --rows 20000 --requests 60 --clients 1,8
+    python benchmarks/serve_load.py --backbone fake --py-spy /path/to/py-spy --profile-dir prof/
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def in_process(index_path: Path, refs: list[Path], n: int, k: int) -> tuple[dict
     return out[0], out[1]
 
 
-def load(port: int, pid: int, clients: int, total: int, bodies: list[tuple[bytes, str]]) -> dict:
+def load(port: int, pid: int, clients: int, total: int, bodies: list[tuple[bytes, str]],
+         profile: tuple[str, Path] | None = None) -> dict:
     """``total`` requests from ``clients`` threads on keep-alive connections; stops when all are answered."""
     lock = threading.Lock()
     next_i = [0]
@@ -206,12 +208,21 @@ def load(port: int, pid: int, clients: int, total: int, bodies: list[tuple[bytes
         conn.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
+    spy = None
+    if profile is not None:  # sample the server's stacks while it holds the GIL (py-spy --gil)
+        spy = subprocess.Popen([profile[0], "record", "--gil", "--nonblocking", "--rate", "200", "--format", "raw",
+                                "-o", str(profile[1] / f"server-{clients}-clients.txt"), "--pid", str(pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
     server0, self0, t0 = proc_cpu(pid), time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
     if errors:
         raise SystemExit(f"{len(errors)} failed requests at {clients} clients, e.g. {errors[0]}")
     r = stats(lat, wall)
@@ -253,6 +264,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--py-spy", default=None, help="path of a py-spy binary: profile the server at each level")
+    ap.add_argument("--profile-dir", type=Path, default=Path("."), help="where --py-spy writes its stacks")
     args = ap.parse_args()
 
     from cirkit.backbones import load_backbone
@@ -280,7 +293,8 @@ def main() -> None:
         rows.append({"path": "in-process bare", "clients": 1, **bare1})
         print(f"  in-process query  p50 {q1['p50_ms']:.1f} ms", flush=True)
         for c in [int(x) for x in args.clients.split(",") if x.strip()]:
-            r = load(port, proc.pid, c, args.requests, bodies)
+            spy = (args.py_spy, args.profile_dir) if args.py_spy else None
+            r = load(port, proc.pid, c, args.requests, bodies, spy)
             rows.append({"path": "served", **r})
             print(f"  served {c:3d} clients  p50 {r['p50_ms']:.1f} ms  {r['qps']:.1f} q/s", flush=True)
         q2, bare2 = in_process(index, refs, args.single, args.k)  # again: the machine's load drifts
