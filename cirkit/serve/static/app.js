@@ -53,6 +53,7 @@
       $("info").textContent = `${info.rows.toLocaleString()} images · ${m.backbone} ${m.checkpoint} · ` +
         `${info.search} search · index version ${info.version}`;
       $("k").max = String(info.max_k);
+      if (Number($("k").value) > info.max_k) $("k").value = String(info.max_k);
     } catch (e) {
       $("info").textContent = e.message;
     }
