@@ -36,7 +36,7 @@ def _best_of(args, n=3):
 
 def test_stages_are_registered():
     assert {"synth", "evaluate"} <= set(COMMANDS)
-    assert COMMANDS == sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "synth", "train"])
+    assert COMMANDS == sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "serve", "synth", "train"])
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[c, "--help"] for c in COMMANDS], ids=lambda a: " ".join(a))
