@@ -358,9 +358,11 @@ def test_an_index_turned_to_another_model_while_serving_is_refused_not_mixed(tmp
     c, service = make_client(idx)
     with c:
         assert ids(c.get("/api/search", params={"text": "red", "k": 1})) == ["red"]
-        ds = lancedb.connect(str(idx)).open_table("images").to_lance()
-        manifest = json.loads(ds.schema.metadata[b"cirkit"])
-        ds.update_schema_metadata({"cirkit": json.dumps({**manifest, "checkpoint": "another"})})
+        db = lancedb.connect(str(idx))
+        rows = db.open_table("images").to_arrow()
+        manifest = json.loads(rows.schema.metadata[b"cirkit"])
+        turned = {**rows.schema.metadata, b"cirkit": json.dumps({**manifest, "checkpoint": "another"}).encode()}
+        db.create_table("images", rows.replace_schema_metadata(turned), mode="overwrite")
         r = c.get("/api/search", params={"text": "red", "k": 1})
         assert r.status_code == 503 and "built with fake another" in r.json()["error"]
         assert "restart 'cirkit serve'" in r.json()["error"]
