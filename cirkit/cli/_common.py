@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -122,7 +123,31 @@ _OS_ERRORS = {
 
 
 def describe(e: BaseException) -> tuple[str, int] | None:
-    """The one-line message and exit code of a user-caused error, or None for a bug."""
+    """The one-line message and exit code of a user-caused error, or None for a bug.
+
+    Library errors that name no file (a full disk inside a library's write, a Lance I/O
+    error) are prefixed with the output being written when the error escaped its
+    :func:`cirkit.io.lock.output_lock`; temp names (``.x.cirkit-tmp-host-pid``) read as their output.
+    """
+    found = _describe(e)
+    if found is None:
+        return None
+    message, code = found
+    output = getattr(e, "cirkit_output", None)
+    if output and not isinstance(e, CirkitError) and not message.startswith(output):
+        known = getattr(e, "filename", None)
+        if not known:
+            message = f"{output}: {message}"
+    return _TEMP_NAME.sub(r"\g<dir>\g<name>", message), code
+
+
+# ``/dir/.name.cirkit-tmp-host-123-abcd`` -> ``/dir/name``: a user knows the output, not our temp.
+_TEMP_NAME = re.compile(r"(?P<dir>(?:^|[/\s(\"'])(?:[^\s/]*/)*)\.(?P<name>[^/\s]+?)\.cirkit-(?:tmp|old)-[A-Za-z0-9_.]+-\d+(?:-[0-9a-f]+)?")
+# Rust-backed libraries (Lance, safetensors) report an OS error as "... (os error 28)".
+_EMBEDDED_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def _describe(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, CirkitError):
         return str(e), e.exit_code
     if isinstance(e, UnicodeEncodeError):
@@ -130,9 +155,21 @@ def describe(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, UnicodeDecodeError):
         return (f"text is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start}); "
                 "save the file as UTF-8"), 1
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return (f"out of memory ({_first_line(e) or 'MemoryError'}); lower --batch-size (or --k, --num-workers), "
+                "or use a smaller model"), 1
     name, module = type(e).__name__, type(e).__module__ or ""
     first = _first_line(e)
+    embedded = _EMBEDDED_ERRNO.search(str(e))
+    library = name == "SafetensorError" or module.startswith(("safetensors", "pyarrow", "lance", "lancedb")) or \
+        first.lower().startswith("lance error")
+    if library and embedded and int(embedded.group(1)) in _OS_ERRORS:
+        what, fix = _OS_ERRORS[int(embedded.group(1))]
+        return f"{what}; {fix}", 1
     if name == "SafetensorError" or module.startswith("safetensors"):
+        if "while serializing" in first.lower():
+            return f"cannot write safetensors weights ({first}); check the disk and re-run", 1
         return f"cannot read safetensors weights ({first}); the file is corrupt or truncated: save or download it again", 1
     if module.startswith(("pyarrow", "lance", "lancedb")) or first.lower().startswith("lance error"):
         return f"the Lance store cannot be read or written ({first}); check the path, or create the store again", 1

@@ -96,6 +96,13 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
         _acquire(lock, output, path)
     try:
         yield path
+    except Exception as e:
+        # An error met while writing (a full disk in a library's write, a Lance I/O error) often
+        # names no file: the error boundary names this output instead (cirkit.cli._common.describe).
+        if getattr(e, "cirkit_output", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                e.cirkit_output = str(output)
+        raise
     finally:
         # Unlinked while still held, so an output leaves no lock file behind: a waiter that opened
         # this inode sees it unlinked once it gets the lock and opens the path again (filelock checks
