@@ -543,9 +543,10 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path | None]) -> No
     files cirkit did not write (every save replaces the folder whole), and a folder that is,
     holds or sits inside one of the inputs.
     """
-    from cirkit.io.atomic import check_replaceable
+    from cirkit.io.atomic import check_replaceable, check_utf8_path
 
     out = Path(out)
+    check_utf8_path(out, "checkpoint folder")  # its config and train args record it, as UTF-8 text
     real = Path(os.path.realpath(out))
     for what, given in inputs.items():
         if not given:

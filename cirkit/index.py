@@ -168,7 +168,7 @@ def _column_arrays(columns: list[str], types: dict[str, Any], values: list[dict[
 
 def _check(config: IndexConfig) -> None:
     """Refuse settings that cannot work, before any work starts."""
-    from cirkit.io.atomic import check_name
+    from cirkit.io.atomic import check_name, check_utf8_path, read_marker
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
@@ -187,7 +187,11 @@ def _check(config: IndexConfig) -> None:
         raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
         return
+    check_utf8_path(config.output, "index")  # Lance keeps its paths as UTF-8 text
     out = local_path(config.output).resolve()
+    marker = read_marker(out)
+    if marker is not None:  # a checkpoint or synth folder is replaced whole by its own stage: tables put there are lost
+        raise CirkitError(f"{config.output}: is a cirkit {marker.get('kind')} folder; write the index to its own folder")
     table = out / f"{config.table}.lance"
     for name, given in (("embeddings store", config.embeddings), ("metadata file", config.metadata)):
         if given is None:

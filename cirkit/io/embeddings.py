@@ -226,6 +226,9 @@ class EmbeddingStore:
         remove_uncommitted(p, "embeddings store")
         if p.exists():
             table = _open(root, name, str(path))
+            if table_id_of(table.schema) is not None:  # rows added here would bypass the index's updates
+                raise CirkitError(f"{path}: is a table of an index made by 'cirkit index', not an embeddings store; "
+                                  "embed into a new NAME.lance and index that")
             have = read_manifest_from_schema(table.schema, str(path))
             check_rows_schema(table.schema, have.dim, str(path))
             if have.fingerprint() != manifest.fingerprint():
