@@ -115,13 +115,9 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
     """Append the embeddings of the items not stored yet (under the store's lock)."""
     import dataclasses
 
-    import torch
-
     from cirkit.backbones import load_backbone
     from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import decoded_batches, default_workers
     from cirkit.io.embeddings import EmbeddingStore
-    from cirkit.summary import Rate, make_progress
 
     if backbone is None:
         backbone = load_backbone(BackboneSpec(
@@ -131,7 +127,25 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
         ))
     # the gallery side of the model: image embeddings, whatever the query mode
     manifest = dataclasses.replace(backbone.manifest(), normalized=True, mode="image", count=None)
+    created = not Path(config.output).exists()
     store = EmbeddingStore.open_for_append(config.output, manifest)
+    try:
+        _append(config, items, backbone, store, result)
+    except BaseException:
+        if created and not store.done:  # ours, and empty: a failed first run leaves no store behind
+            import shutil
+
+            shutil.rmtree(config.output, ignore_errors=True)
+        raise
+
+
+def _append(config: EmbedConfig, items: list[tuple[str, Path]], backbone, store, result: StageResult) -> None:
+    """Embed the items ``store`` does not hold yet, batch by batch (each batch one commit)."""
+    import torch
+
+    from cirkit.encode import decoded_batches, default_workers
+    from cirkit.summary import Rate, make_progress
+
     todo = [(k, p) for k, p in items if k not in store.done]
     result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
     path_of = dict(todo)

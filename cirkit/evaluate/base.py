@@ -153,7 +153,9 @@ def read_json(path: Path, what: str) -> Any:
     if not path.exists():
         raise CirkitError(f"{path}: no such file ({what})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        from cirkit.io.jsonl import loads
+
+        return loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RecordError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError:

@@ -96,7 +96,9 @@ def read_manifest_from_schema(schema, where: str, made_by: str = "embed") -> Emb
     if MANIFEST_KEY not in meta:
         raise CirkitError(f"{where}: no cirkit manifest; was it written by 'cirkit {made_by}'?")
     try:
-        obj = json.loads(meta[MANIFEST_KEY])
+        from cirkit.io.jsonl import loads
+
+        obj = loads(meta[MANIFEST_KEY])
     except ValueError as e:
         raise CirkitError(f"{where}: its cirkit manifest is not valid JSON ({e}); "
                           f"re-create it with 'cirkit {made_by}'") from None

@@ -441,6 +441,18 @@ class JsonlAppender:
         self.close()
 
 
+def loads(raw: bytes | str) -> Any:
+    """``json.loads`` for the JSON files cirkit reads whole (configs, manifests, annotations).
+
+    Nesting too deep for Python's parser is a ``JSONDecodeError`` like any other malformed
+    file (its callers turn that into one line naming the file), not a RecursionError traceback.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", raw if isinstance(raw, str) else "", 0) from None
+
+
 def check_output_kind(path: str | Path, record: type[Record]) -> None:
     """Refuse to resume an existing output whose records are of another kind (its first record is checked).
 

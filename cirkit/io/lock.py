@@ -74,6 +74,7 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
 
     output = Path(output)
     path = lock_file_for(output)
+    made = _missing_ancestors(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -110,6 +111,21 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
         with contextlib.suppress(OSError):
             path.unlink()
         lock.release()
+        for folder in made:  # folders made only for the lock, left empty by a run that wrote nothing
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
 
 
 def _acquire(lock, output: Path, path: Path) -> None:
