@@ -166,9 +166,23 @@ def _column_arrays(columns: list[str], types: dict[str, Any], values: list[dict[
     return out
 
 
+def _other_output(folder: Path) -> str | None:
+    """The kind of another stage's output ``folder`` is (its marker, or a checkpoint/synth written before markers)."""
+    from cirkit.checkpoint import is_checkpoint
+    from cirkit.io.atomic import read_marker
+    from cirkit.synth import is_synth_output
+
+    marker = read_marker(folder)
+    if marker is not None:
+        return str(marker.get("kind"))
+    if is_checkpoint(folder):
+        return "checkpoint"
+    return "synth" if is_synth_output(folder) else None
+
+
 def _check(config: IndexConfig) -> None:
     """Refuse settings that cannot work, before any work starts."""
-    from cirkit.io.atomic import check_name, check_utf8_path, read_marker
+    from cirkit.io.atomic import check_name, check_utf8_path
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
@@ -189,9 +203,9 @@ def _check(config: IndexConfig) -> None:
         return
     check_utf8_path(config.output, "index")  # Lance keeps its paths as UTF-8 text
     out = local_path(config.output).resolve()
-    marker = read_marker(out)
-    if marker is not None:  # a checkpoint or synth folder is replaced whole by its own stage: tables put there are lost
-        raise CirkitError(f"{config.output}: is a cirkit {marker.get('kind')} folder; write the index to its own folder")
+    other = _other_output(out)
+    if other:  # a checkpoint or synth folder is replaced whole by its own stage: tables put there are lost
+        raise CirkitError(f"{config.output}: is a cirkit {other} folder; write the index to its own folder")
     table = out / f"{config.table}.lance"
     for name, given in (("embeddings store", config.embeddings), ("metadata file", config.metadata)):
         if given is None:

@@ -175,6 +175,8 @@ def _describe(e: BaseException) -> tuple[str, int] | None:
         return f"the Lance store cannot be read or written ({first}); check the path, or create the store again", 1
     if isinstance(e, OSError):
         return _os_error(e), 1
+    if isinstance(e, ValueError) and "embedded null byte" in str(e):  # os.* on a path holding NUL
+        return "a path contains a NUL character, which no file name can hold; remove it from the input", 1
     if isinstance(e, json.JSONDecodeError):
         return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or re-create the file", 1
     if module.startswith("yaml"):

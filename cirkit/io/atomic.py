@@ -348,6 +348,8 @@ def check_name(name: str, what: str) -> str:
 
 def safe_join(root: str | Path, relative: str | Path) -> Path:
     """Join ``relative`` under ``root``, refusing paths that escape it (``..``, absolute)."""
+    if "\x00" in str(relative):
+        raise CirkitError(f"output name {str(relative)!r} contains a NUL character; no file name can hold one")
     root = Path(root).resolve()
     out = (root / relative).resolve()
     if out != root and root not in out.parents:

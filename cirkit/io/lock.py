@@ -70,31 +70,23 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     A lock held by another live process is an :class:`OutputBusy` error naming it, unless
     ``wait``, in which case this blocks until it is free. The parent folder is created.
     """
-    from filelock import FileLock, Timeout
-
     output = Path(output)
     path = lock_file_for(output)
     made = _missing_ancestors(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
+        _remove_empty(made)
         raise CirkitError(f"{output}: its parent {path.parent} is a file, not a folder; choose another output") from None
     except OSError as e:
+        _remove_empty(made)
         raise CirkitError(f"{output}: cannot create its folder {path.parent} ({e.strerror}); "
                           "choose an output in a folder you can write") from None
-    lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
     try:
-        _acquire(lock, output, path)
-    except Timeout:
-        holder = describe_holder(path)
-        if not wait:
-            raise OutputBusy(
-                f"{output}: another cirkit run is writing this {what} ({holder}); "
-                f"wait for it to finish, or pass --wait to queue behind it"
-            ) from None
-        log.info("%s: waiting for %s to finish writing it", output, holder)
-        lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
-        _acquire(lock, output, path)
+        lock = _take(output, path, wait, what)
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield path
     except Exception as e:
@@ -111,11 +103,36 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
         with contextlib.suppress(OSError):
             path.unlink()
         lock.release()
-        for folder in made:  # folders made only for the lock, left empty by a run that wrote nothing
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(made)  # folders made only for the lock, left empty by a run that wrote nothing
+
+
+def _take(output: Path, path: Path, wait: bool, what: str):
+    """The acquired lock of ``path``: at once, or (``wait``) once its holder lets go."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
+    try:
+        _acquire(lock, output, path)
+    except Timeout:
+        holder = describe_holder(path)
+        if not wait:
+            raise OutputBusy(
+                f"{output}: another cirkit run is writing this {what} ({holder}); "
+                f"wait for it to finish, or pass --wait to queue behind it"
+            ) from None
+        log.info("%s: waiting for %s to finish writing it", output, holder)
+        lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
+        _acquire(lock, output, path)
+    return lock
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _missing_ancestors(folder: Path) -> list[Path]:
