@@ -128,6 +128,9 @@ def _load_embeddings(path: Path) -> tuple[EmbeddingManifest, list[str], list[str
     if vectors.ndim != 2 or (len(ids) and vectors.shape[1] != manifest.dim):
         raise CirkitError(f"{path}: vectors of shape {vectors.shape} do not match the manifest's dim {manifest.dim}")
     base = Path(path).parent
+    bad = next((i for i, p in zip(ids, images, strict=True) if p and "\x00" in p), None)
+    if bad is not None:
+        raise CirkitError(f"{path}: row {bad!r} has an image path with a NUL character; fix the gallery and re-embed")
     images = [str((base / p).resolve()) if p and not Path(p).is_absolute() and "://" not in p else p for p in images]
     return manifest, ids, images, vectors
 

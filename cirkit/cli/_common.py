@@ -57,6 +57,13 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # Libraries that log through the root logger (open_clip's logging.warning) would otherwise get
+    # Python's default handler and print 'WARNING:root:...' lines beside our one-line error.
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "cirkit_root", False)]
+    library = handler if verbose else logging.NullHandler()
+    library.cirkit_root = True  # type: ignore[attr-defined]
+    root.addHandler(library)
 
 
 def printable(text: str) -> str:
@@ -467,12 +474,17 @@ def finite(value: Any) -> Any:
     return value
 
 
+_LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
+
+
 def emit(result: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
     """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table)."""
     if as_json:
         data = finite(result.to_dict())
         try:
-            sys.stdout.write(json.dumps(data, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+            text = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
+            # Line separators JSON allows raw (U+2028/9, NEL) would split the one line for line-based readers.
+            sys.stdout.write(text.translate(_LINE_BREAKS) + "\n")
         except UnicodeEncodeError:  # a terminal that is not UTF-8, or names that are not: escape them
             sys.stdout.write(json.dumps(data, ensure_ascii=True, allow_nan=False, default=str) + "\n")
         return

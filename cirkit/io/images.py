@@ -70,6 +70,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if "\x00" in str(path):  # a path from the data (an index row, a JSONL field) that no file can have
+        raise ImageError(display_path(path).replace("\x00", "\\x00"), "the path contains a NUL character")
     try:
         if path.is_dir():
             raise ImageError(display_path(path), "is a folder, not an image file")
