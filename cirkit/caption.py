@@ -60,7 +60,15 @@ from cirkit.config import (
 from cirkit.errors import CirkitError, ImageError, RecordError
 from cirkit.io.atomic import check_file_output, glob_escape
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
-from cirkit.io.jsonl import JsonlAppender, check_not_input, check_text, iter_complete, read_json, read_jsonl
+from cirkit.io.jsonl import (
+    JsonlAppender,
+    check_not_input,
+    check_output_kind,
+    check_text,
+    iter_complete,
+    read_json,
+    read_jsonl,
+)
 from cirkit.io.lock import output_lock
 from cirkit.records import Caption, relative_path, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
@@ -264,6 +272,7 @@ def run(config: CaptionConfig) -> StageResult:
     out, images = Path(config.output), Path(config.images)
     check_file_output(out)  # before its lock file is made beside it
     check_not_input(out, images)
+    check_output_kind(out, Caption)  # before its ids count as done
     proc = process_info()
     with timed(result):
         items = _inputs(images, result)
@@ -408,6 +417,7 @@ def import_captions(source: Path, output: Path, strict: bool = False, wait: bool
         raise CirkitError(f"{source}: is a folder; --from takes a captions file (.jsonl, .csv or .json)")
     check_file_output(output)
     check_not_input(output, source)
+    check_output_kind(output, Caption)
     with timed(result), output_lock(output, wait=wait, what="captions file"):
         rows = _read_any(source)
         out_dir = output.parent.resolve()

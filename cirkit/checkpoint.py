@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -59,13 +60,19 @@ OWNED = frozenset({CONFIG, WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_ARGS,
 FAMILIES = ("vit", "mllm")  # backbone families that have checkpoint folders
 
 
+def _loads(text: str) -> Any:
+    from cirkit.io.jsonl import loads
+
+    return loads(text)
+
+
 # -- config.json ------------------------------------------------------------------------------
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
 
 
 def _file_name(v: Any) -> bool:
@@ -139,7 +146,7 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
     if not p.is_dir() or not path.is_file():
         return None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = _loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     except UnicodeDecodeError:
@@ -224,7 +231,7 @@ def check_safetensors(path: str | Path) -> None:
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             if n < 2 or n > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{path}: not a safetensors file (no valid header); {fix}")
-            header = json.loads(fh.read(n).decode("utf-8"))
+            header = _loads(fh.read(n).decode("utf-8"))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -441,7 +448,7 @@ def read_progress(folder: str | Path) -> dict[str, Any] | None:
         return None
     fix = "the trainer state is damaged; resume is impossible, train into a new --output"
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = _loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not valid JSON; {fix}") from None
     except OSError as e:
@@ -484,7 +491,7 @@ def read_train_args(folder: str | Path) -> dict[str, Any]:
     """``train_args.json`` of a checkpoint folder (the settings its run used)."""
     path = Path(folder) / TRAIN_ARGS
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = _loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; the checkpoint has no record of its settings, "
                               "so it cannot be resumed; train into a new --output") from None
@@ -543,9 +550,10 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path | None]) -> No
     files cirkit did not write (every save replaces the folder whole), and a folder that is,
     holds or sits inside one of the inputs.
     """
-    from cirkit.io.atomic import check_replaceable
+    from cirkit.io.atomic import check_replaceable, check_utf8_path
 
     out = Path(out)
+    check_utf8_path(out, "checkpoint folder")  # its config and train args record it, as UTF-8 text
     real = Path(os.path.realpath(out))
     for what, given in inputs.items():
         if not given:
@@ -588,6 +596,19 @@ def claim_output(out: str | Path, fresh: bool) -> None:
         (out / MARKER).write_text(json.dumps({"kind": KIND, "cirkit": __version__}) + "\n", encoding="utf-8")
     if fresh:
         (out / METRICS).unlink(missing_ok=True)
+
+
+def unclaim_output(out: str | Path) -> None:
+    """Undo :func:`claim_output` when the run stopped before writing anything: remove a folder holding only the marker."""
+    from cirkit.io.atomic import MARKER
+
+    out = Path(out)
+    try:
+        if out.is_dir() and not out.is_symlink() and [p.name for p in out.iterdir()] == [MARKER]:
+            (out / MARKER).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def _carry_over(src: Path, dst: Path) -> None:

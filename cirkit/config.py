@@ -35,6 +35,9 @@ META = "cirkit"
 # expands to hundreds of millions of values).
 MAX_RECIPE_BYTES = 1_000_000
 MAX_RECIPE_VALUES = 100_000
+# No count, size or seed cirkit takes is larger: a bigger integer is a typo, and past 2**63 it
+# would overflow inside torch, NumPy or Lance with a traceback instead of this one line.
+MAX_INT = 2**31 - 1
 
 
 class UsageError(CirkitError):
@@ -62,13 +65,15 @@ class Setting:
     panel: str | None = None
     cli: bool = True
     show_default: str | None = None
+    cap: int | None = None
 
 
 def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
             choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
             aliases: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None,
-            panel: str | None = None, cli: bool = True, show_default: str | None = None) -> Any:
+            panel: str | None = None, cli: bool = True, show_default: str | None = None,
+            cap: int | None = None) -> Any:
     """A config field with its help, range and CLI spelling (a ``dataclasses.field``).
 
     ``resume``: the setting changes the trained result, so ``--resume`` needs the same value.
@@ -79,11 +84,13 @@ def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: floa
     release (also as recipe keys). ``positional``: an argument (with ``flag`` also an option).
     ``panel``: the ``--help`` section. ``cli=False``: recipe and Python only (listed under
     ``--help``). ``show_default``: what the "(default X)" says when the value alone does not.
+    ``cap``: a sanity bound on an integer, beyond any real use (default :data:`MAX_INT`), so a
+    typo such as ``--num-workers 100000`` stops in one line instead of hanging the machine.
     """
     meta = {META: Setting(help=help, resume=resume, ge=ge, gt=gt, le=le, lt=lt,
                           choices=tuple(choices) if choices is not None else None, flag=flag, short=short,
                           aliases=tuple(aliases), positional=positional, metavar=metavar, panel=panel, cli=cli,
-                          show_default=show_default)}
+                          show_default=show_default, cap=cap)}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -175,12 +182,19 @@ def allow_pickle_setting() -> Any:
     return setting(False, help="Allow loading pickle (.bin/.pt) weights you trust.")
 
 
+# Every worker is a process with its own copy of the decoding state: more than this is a typo
+# (a 2-core machine took minutes just to start 1000 of them).
+MAX_WORKERS = 256
+# A batch this large does not fit any model's memory; the bound keeps a typo from overflowing.
+MAX_BATCH = 1 << 20
+
+
 def num_workers_setting(default: int | None = None, show_default: str | None = None) -> Any:
-    return setting(default, ge=0, help="Image decoding processes.", show_default=show_default)
+    return setting(default, ge=0, cap=MAX_WORKERS, help="Image decoding processes.", show_default=show_default)
 
 
 def batch_size_setting(default: int, what: str, **kw: Any) -> Any:
-    return setting(default, ge=1, help=f"{what} per batch.", **kw)
+    return setting(default, ge=1, cap=MAX_BATCH, help=f"{what} per batch.", **kw)
 
 
 # Decoding settings of the generation stages (caption, reformulate). "Sampling" in the name:
@@ -220,6 +234,11 @@ def problem(f: dataclasses.Field, value: Any, label: str) -> str | None:
             continue
         if isinstance(v, float) and math.isnan(v):
             return f"{label} must be a number, got nan"
+        if isinstance(v, float) and math.isinf(v):
+            return f"{label} must be a finite number, got {v}"
+        cap = s.cap if s.cap is not None else MAX_INT
+        if isinstance(v, int) and s.le is None and s.lt is None and abs(v) > cap:
+            return f"{label} must be at most {cap}, got {shown(v)}"
         bounds = [(s.ge, v >= s.ge if s.ge is not None else True, "at least"),
                   (s.gt, v > s.gt if s.gt is not None else True, "greater than"),
                   (s.le, v <= s.le if s.le is not None else True, "at most"),
@@ -252,8 +271,10 @@ def load_recipe(path: str | Path, section: str | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CirkitError(f"{path}: recipe not found")
-    if not path.is_file():
+    if path.is_dir():
         raise CirkitError(f"{path}: a recipe must be a YAML file, not a folder")
+    if not path.is_file():
+        raise CirkitError(f"{path}: a recipe must be a regular YAML file, not a device, FIFO or socket")
     with path.open("rb") as fh:
         raw = fh.read(MAX_RECIPE_BYTES + 1)
     if len(raw) > MAX_RECIPE_BYTES:
@@ -276,7 +297,10 @@ def load_recipe(path: str | Path, section: str | None = None) -> dict[str, Any]:
 def _parse_yaml(text: str, path: Path) -> Any:
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters (NUL) here already
+    except yaml.YAMLError as e:
+        raise CirkitError(f"{path}: invalid YAML ({_one_line(e)})") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -436,15 +460,21 @@ def _scalar(value: Any, tp: Any, where: str) -> Any:
             return float(value)
     elif tp is str:
         if isinstance(value, str):
-            return value
+            return _no_nul(value, where)
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `stage: 1`, `seed`-like names; a range/choice check follows
     elif tp is Path:
         if isinstance(value, (str, Path)):
-            return Path(value)
+            return Path(_no_nul(str(value), where))
     else:
         return value
     raise CirkitError(f"{where} expects {_type_word(tp)}, got {shown(value)}")
+
+
+def _no_nul(value: str, where: str) -> str:
+    if "\x00" in value:
+        raise CirkitError(f"{where} contains a NUL character ({shown(value)}); no path or name can hold one")
+    return value
 
 
 def _type_word(tp: Any) -> str:

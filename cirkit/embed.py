@@ -51,14 +51,18 @@ class EmbedConfig:
         check_settings(self)
 
 
-def gallery_items(source: str | Path) -> list[tuple[str, Path]]:
-    """``(id, image path)`` from a folder of images or a gallery.jsonl (paths relative to it)."""
+def gallery_items(source: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, Path]]:
+    """``(id, image path)`` from a folder of images or a gallery.jsonl (paths relative to it).
+
+    With ``skipped``, a folder's files that cannot become an id (a name that is not UTF-8) are
+    listed there instead of stopping the run: one such file must not block the whole folder.
+    """
     from cirkit.io import list_images, read_records
     from cirkit.records import GalleryItem, resolve_path
 
     source = Path(source)
     if source.is_dir():
-        return [(key, p.resolve()) for key, p in list_images(source)]
+        return [(key, p.resolve()) for key, p in list_images(source, skipped)]
     if source.suffix == ".jsonl" or str(source) == "-":
         base = source.parent if str(source) != "-" else Path.cwd()
         return [(r.id, resolve_path(r.image, base).resolve()) for r in read_records(source, GalleryItem)]
@@ -73,6 +77,7 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
     The store is written under its single-writer lock for the whole run: a second ``embed``
     on the same store fails at once naming this one (or waits, with ``wait``).
     """
+    from cirkit.io.atomic import check_utf8_path
     from cirkit.io.embeddings import store_location
     from cirkit.io.lock import output_lock
 
@@ -87,11 +92,19 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
     store_location(config.output)
     if Path(config.input).resolve() == Path(config.output).resolve():
         raise CirkitError(f"{config.output}: is also the input; write the embeddings to another path (-o)")
+    check_utf8_path(config.output, "embeddings store")
     result = StageResult("embed")
     with timed(result):
-        items = gallery_items(config.input)
+        unlisted: list[tuple[str, str]] = []
+        items = gallery_items(config.input, None if config.strict else unlisted)
+        if not items and unlisted:  # nothing at all to embed: say why, not an empty store
+            raise CirkitError(f"{unlisted[0][0]}: {unlisted[0][1]}")
         with output_lock(config.output, wait=config.wait, what="embeddings store"):
             _embed(config, items, backbone, result)
+        for item, reason in unlisted:
+            result.skip(item, reason)
+        result.counts["failed"] += len(unlisted)
+        result.counts["images"] += len(unlisted)
     embedded = result.counts["embedded"]
     if embedded and result.seconds:
         result.metrics["images_per_s"] = round(embedded / result.seconds, 2)
@@ -102,13 +115,9 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
     """Append the embeddings of the items not stored yet (under the store's lock)."""
     import dataclasses
 
-    import torch
-
     from cirkit.backbones import load_backbone
     from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import decoded_batches, default_workers
     from cirkit.io.embeddings import EmbeddingStore
-    from cirkit.summary import Rate, make_progress
 
     if backbone is None:
         backbone = load_backbone(BackboneSpec(
@@ -118,7 +127,25 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
         ))
     # the gallery side of the model: image embeddings, whatever the query mode
     manifest = dataclasses.replace(backbone.manifest(), normalized=True, mode="image", count=None)
+    created = not Path(config.output).exists()
     store = EmbeddingStore.open_for_append(config.output, manifest)
+    try:
+        _append(config, items, backbone, store, result)
+    except BaseException:
+        if created and not store.done:  # ours, and empty: a failed first run leaves no store behind
+            import shutil
+
+            shutil.rmtree(config.output, ignore_errors=True)
+        raise
+
+
+def _append(config: EmbedConfig, items: list[tuple[str, Path]], backbone, store, result: StageResult) -> None:
+    """Embed the items ``store`` does not hold yet, batch by batch (each batch one commit)."""
+    import torch
+
+    from cirkit.encode import decoded_batches, default_workers
+    from cirkit.summary import Rate, make_progress
+
     todo = [(k, p) for k, p in items if k not in store.done]
     result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
     path_of = dict(todo)

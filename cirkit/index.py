@@ -128,6 +128,9 @@ def _load_embeddings(path: Path) -> tuple[EmbeddingManifest, list[str], list[str
     if vectors.ndim != 2 or (len(ids) and vectors.shape[1] != manifest.dim):
         raise CirkitError(f"{path}: vectors of shape {vectors.shape} do not match the manifest's dim {manifest.dim}")
     base = Path(path).parent
+    bad = next((i for i, p in zip(ids, images, strict=True) if p and "\x00" in p), None)
+    if bad is not None:
+        raise CirkitError(f"{path}: row {bad!r} has an image path with a NUL character; fix the gallery and re-embed")
     images = [str((base / p).resolve()) if p and not Path(p).is_absolute() and "://" not in p else p for p in images]
     return manifest, ids, images, vectors
 
@@ -166,9 +169,23 @@ def _column_arrays(columns: list[str], types: dict[str, Any], values: list[dict[
     return out
 
 
+def _other_output(folder: Path) -> str | None:
+    """The kind of another stage's output ``folder`` is (its marker, or a checkpoint/synth written before markers)."""
+    from cirkit.checkpoint import is_checkpoint
+    from cirkit.io.atomic import read_marker
+    from cirkit.synth import is_synth_output
+
+    marker = read_marker(folder)
+    if marker is not None:
+        return str(marker.get("kind"))
+    if is_checkpoint(folder):
+        return "checkpoint"
+    return "synth" if is_synth_output(folder) else None
+
+
 def _check(config: IndexConfig) -> None:
     """Refuse settings that cannot work, before any work starts."""
-    from cirkit.io.atomic import check_name
+    from cirkit.io.atomic import check_name, check_utf8_path
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
@@ -187,7 +204,11 @@ def _check(config: IndexConfig) -> None:
         raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
         return
+    check_utf8_path(config.output, "index")  # Lance keeps its paths as UTF-8 text
     out = local_path(config.output).resolve()
+    other = _other_output(out)
+    if other:  # a checkpoint or synth folder is replaced whole by its own stage: tables put there are lost
+        raise CirkitError(f"{config.output}: is a cirkit {other} folder; write the index to its own folder")
     table = out / f"{config.table}.lance"
     for name, given in (("embeddings store", config.embeddings), ("metadata file", config.metadata)):
         if given is None:

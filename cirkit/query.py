@@ -26,6 +26,7 @@ from cirkit.config import (
     num_workers_setting,
     setting,
     strict_setting,
+    wait_setting,
 )
 from cirkit.errors import CirkitError, ImageError
 from cirkit.records import EmbeddingManifest, Hit, Result
@@ -68,6 +69,7 @@ class QueryConfig:
     batch_size: int = batch_size_setting(64, "Queries embedded")
     num_workers: int | None = num_workers_setting(0)
     strict: bool = strict_setting()
+    wait: bool = wait_setting()
     cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
                                      help="Folder of the exact-search vector cache.")
 
@@ -153,17 +155,43 @@ def _check(config: QueryConfig) -> None:
         if clash:
             raise CirkitError(f"{path}: {flag} would overwrite {clash} ({path}); choose another file")
         seen[key] = flag
+    _check_outputs(config)
+
+
+def _outputs(config: QueryConfig) -> list[tuple[Path, str]]:
+    """The files this run writes, with what each is (for their locks and messages)."""
+    found = [(Path(config.output), "results file")] if config.batch is not None else []
+    found += [(Path(p), what) for p, what in ((config.html, "HTML report"), (config.grid, "PNG grid")) if p is not None]
+    return found
+
+
+def _check_outputs(config: QueryConfig) -> None:
+    """Each output is a file cirkit may write: not a link, device or folder, and not someone else's file."""
+    from cirkit.io.atomic import check_file_output
+    from cirkit.io.jsonl import check_output_kind
+    from cirkit.report import is_report_html, is_report_png
+
+    owned = {"HTML report": is_report_html, "PNG grid": is_report_png}
+    for path, what in _outputs(config):
+        check_file_output(path, what, owned.get(what))
+    if config.batch is not None:
+        check_output_kind(config.output, Result)  # results are appended: resuming a captions file would mix them
 
 
 def run(config: QueryConfig) -> QueryResult:
     """Answer one query or a batch of queries (see module docstring)."""
+    import contextlib
+
     from cirkit.backbones import load_backbone
+    from cirkit.io.lock import output_lock
     from cirkit.search import open_index
 
     _check(config)
     result = QueryResult("query", single=config.batch is None)
     timer = Timer()
-    with timed(result):
+    with timed(result), contextlib.ExitStack() as locks:
+        for path, what in _outputs(config):  # one writer per output, for the whole run
+            locks.enter_context(output_lock(path, wait=config.wait, what=what))
         with timer("open_index"):
             index = open_index(config.index, config.table, config.cache_dir)
             strategy = "ann" if index.uses_ann(config.search) else "exact"
@@ -235,7 +263,7 @@ def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: Query
     base = batch.parent
     answers: list[Result] = []
     written = resumed = 0
-    with JsonlAppender(config.output) as out:
+    with JsonlAppender(config.output, record=Result) as out:
         todo = [q for q in queries if q.id not in out]
         resumed = len(queries) - len(todo)
         if resumed:

@@ -59,7 +59,7 @@ from cirkit.config import (
 )
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.atomic import check_file_output
-from cirkit.io.jsonl import JsonlAppender, check_not_input, iter_complete, read_records
+from cirkit.io.jsonl import JsonlAppender, check_not_input, check_output_kind, iter_complete, read_records
 from cirkit.io.lock import output_lock
 from cirkit.records import Caption, Triplet, relative_path, resolve_path, triplet_id
 from cirkit.summary import Rate, StageResult, make_progress, timed
@@ -567,6 +567,7 @@ def run(config: ReformulateConfig) -> StageResult:
     for path in (out, rej):  # before their lock files are made beside them
         check_file_output(path)
         check_not_input(path, captions_path)
+    check_output_kind(out, Triplet)  # before its ids count as done
     wait = bool(config.wait)
     with timed(result), output_lock(out, wait, "triplets file"), output_lock(rej, wait, "rejected-triplets file"):
         caps = _load_captions(captions_path)

@@ -89,6 +89,29 @@ figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 """
 
 
+# What marks a file as a report cirkit wrote, so a re-run may replace it and nothing else is
+# (a mistyped --html or --grid must never land on a user's page, photo or config file).
+GENERATOR = "<meta name='generator' content='cirkit'>"
+_LEGACY_HTML = b"<!doctype html><html><head><meta charset='utf-8'>\n<title>"
+PNG_SOFTWARE = ("Software", "cirkit")
+
+
+def is_report_html(path: Path) -> bool:
+    """Whether ``path`` is a contact sheet cirkit wrote (this version or one before the generator tag)."""
+    from cirkit.io.atomic import read_head
+
+    head = read_head(path, 4096)
+    return GENERATOR.encode() in head or (head.startswith(_LEGACY_HTML) and b"body{font-family:system-ui" in head)
+
+
+def is_report_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG grid cirkit wrote (it carries a ``Software: cirkit`` text chunk)."""
+    from cirkit.io.atomic import read_head
+
+    head = read_head(path, 4096)
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtSoftware\x00cirkit" in head
+
+
 def _attr(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -115,7 +138,7 @@ def write_html(path: str | Path, answers: Sequence[Result], title: str = "cirkit
     path = Path(path)
     html_dir = path.parent if str(path.parent) else Path(".")
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}",
         f"<title>{html.escape(title)}</title><style>{_CSS % {'t': size}}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
@@ -134,7 +157,7 @@ def write_html(path: str | Path, answers: Sequence[Result], title: str = "cirkit
         parts.extend(_hit_html(h, html_dir, size) for h in a.hits)
         parts.append("</div></section>")
     parts.append("</body></html>\n")
-    with atomic_write(path) as fh:
+    with atomic_write(path, kind="HTML report", owned=is_report_html) as fh:
         fh.write("\n".join(parts))
     return path
 
@@ -190,7 +213,11 @@ def write_grid(path: str | Path, answers: Sequence[Result], size: int = 128) -> 
             sheet.paste(im, (x, y))
             _rank_and_score(draw, font, h, x, y + size + 2, size)
             text(x, y + size + 14, str(h.id), (90, 90, 90))
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*PNG_SOFTWARE)
     path = Path(path)
-    with atomic_write(path, "wb") as fh:
-        sheet.save(fh, format="PNG")
+    with atomic_write(path, "wb", kind="PNG grid", owned=is_report_png) as fh:
+        sheet.save(fh, format="PNG", pnginfo=info)
     return path

@@ -548,6 +548,20 @@ class _Split:
     gallery: dict[str, Scene] = field(default_factory=dict)
 
 
+def is_synth_output(folder: Path) -> bool:
+    """A folder ``cirkit synth`` wrote: its ownership marker, or (before markers) a synth ``benchmark/meta.json``.
+
+    The name in meta.json is checked: a user's own benchmark folder also has a meta.json.
+    """
+    from cirkit.io.atomic import read_marker, read_small_json
+
+    marker = read_marker(folder)
+    if marker is not None:
+        return marker.get("kind") == "synth"
+    meta = read_small_json(folder / "benchmark" / "meta.json")
+    return isinstance(meta, dict) and meta.get("name") == "synth" and (folder / "images").is_dir()
+
+
 def _check(config: SynthConfig) -> tuple[str, ...]:
     for name in ("train_triplets", "test_queries", "distractors"):
         if getattr(config, name) < 0:
@@ -567,9 +581,9 @@ def _check(config: SynthConfig) -> tuple[str, ...]:
     if out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
             raise CirkitError(f"{out}: folder exists and is not empty; pass --overwrite to replace it or choose another OUT")
-        if not (out / "benchmark" / "meta.json").is_file():
+        if not is_synth_output(out):
             raise CirkitError(
-                f"{out}: --overwrite only replaces a previous synth output (no benchmark/meta.json here); "
+                f"{out}: --overwrite only replaces a previous synth output (no synth marker or benchmark/meta.json here); "
                 "remove the folder yourself or choose another OUT"
             )
     return held
@@ -784,6 +798,7 @@ def run(config: SynthConfig) -> StageResult:
     result = StageResult("synth")
     out = Path(config.out)
     with timed(result), output_lock(out, wait=config.wait, what="synth folder"), make_progress() as progress:
+        _check(config)  # again, under the lock: a run we queued behind (--wait) may have filled OUT
         task = progress.add_task("sampling", total=config.train_triplets + 2 * config.test_queries, rate="")
         triplets, train_scenes = _train(config, held, progress, task)
         train_keys = {s.key for s in train_scenes.values()}
@@ -796,7 +811,7 @@ def run(config: SynthConfig) -> StageResult:
                 scenes[k] = sc
                 membership.setdefault(k, []).append(sp.name)
 
-        with atomic_dir(out, "synth", lambda p: (p / "benchmark" / "meta.json").is_file()) as tmp:
+        with atomic_dir(out, "synth", is_synth_output) as tmp:
             _render(tmp, scenes, config.image_size, progress)
             n_caps = _write_training(tmp, train_scenes, scenes, membership, triplets)
             bench = tmp / "benchmark"

@@ -60,6 +60,8 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
         if "pretrained" in str(e).lower() or "download" in str(e).lower():
             raise CirkitError(f"cannot load open_clip weights {model}/{pretrained}: {e}") from None
         raise
+    except ValueError as e:  # open_clip's own checks of the name ('local-dir:' with no path, ...)
+        raise CirkitError(f"cannot load open_clip model {model!r}: {str(e).splitlines()[0]}") from None
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)

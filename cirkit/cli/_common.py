@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -56,6 +57,13 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # Libraries that log through the root logger (open_clip's logging.warning) would otherwise get
+    # Python's default handler and print 'WARNING:root:...' lines beside our one-line error.
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "cirkit_root", False)]
+    library = handler if verbose else logging.NullHandler()
+    library.cirkit_root = True  # type: ignore[attr-defined]
+    root.addHandler(library)
 
 
 def printable(text: str) -> str:
@@ -122,7 +130,31 @@ _OS_ERRORS = {
 
 
 def describe(e: BaseException) -> tuple[str, int] | None:
-    """The one-line message and exit code of a user-caused error, or None for a bug."""
+    """The one-line message and exit code of a user-caused error, or None for a bug.
+
+    Library errors that name no file (a full disk inside a library's write, a Lance I/O
+    error) are prefixed with the output being written when the error escaped its
+    :func:`cirkit.io.lock.output_lock`; temp names (``.x.cirkit-tmp-host-pid``) read as their output.
+    """
+    found = _describe(e)
+    if found is None:
+        return None
+    message, code = found
+    output = getattr(e, "cirkit_output", None)
+    if output and not isinstance(e, CirkitError) and not message.startswith(output):
+        known = getattr(e, "filename", None)
+        if not known:
+            message = f"{output}: {message}"
+    return _TEMP_NAME.sub(r"\g<dir>\g<name>", message), code
+
+
+# ``/dir/.name.cirkit-tmp-host-123-abcd`` -> ``/dir/name``: a user knows the output, not our temp.
+_TEMP_NAME = re.compile(r"(?P<dir>(?:^|[/\s(\"'])(?:[^\s/]*/)*)\.(?P<name>[^/\s]+?)\.cirkit-(?:tmp|old)-[A-Za-z0-9_.]+-\d+(?:-[0-9a-f]+)?")
+# Rust-backed libraries (Lance, safetensors) report an OS error as "... (os error 28)".
+_EMBEDDED_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def _describe(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, CirkitError):
         return str(e), e.exit_code
     if isinstance(e, UnicodeEncodeError):
@@ -130,14 +162,28 @@ def describe(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, UnicodeDecodeError):
         return (f"text is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start}); "
                 "save the file as UTF-8"), 1
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return (f"out of memory ({_first_line(e) or 'MemoryError'}); lower --batch-size (or --k, --num-workers), "
+                "or use a smaller model"), 1
     name, module = type(e).__name__, type(e).__module__ or ""
     first = _first_line(e)
+    embedded = _EMBEDDED_ERRNO.search(str(e))
+    library = name == "SafetensorError" or module.startswith(("safetensors", "pyarrow", "lance", "lancedb")) or \
+        first.lower().startswith("lance error")
+    if library and embedded and int(embedded.group(1)) in _OS_ERRORS:
+        what, fix = _OS_ERRORS[int(embedded.group(1))]
+        return f"{what}; {fix}", 1
     if name == "SafetensorError" or module.startswith("safetensors"):
+        if "while serializing" in first.lower():
+            return f"cannot write safetensors weights ({first}); check the disk and re-run", 1
         return f"cannot read safetensors weights ({first}); the file is corrupt or truncated: save or download it again", 1
     if module.startswith(("pyarrow", "lance", "lancedb")) or first.lower().startswith("lance error"):
         return f"the Lance store cannot be read or written ({first}); check the path, or create the store again", 1
     if isinstance(e, OSError):
         return _os_error(e), 1
+    if isinstance(e, ValueError) and "embedded null byte" in str(e):  # os.* on a path holding NUL
+        return "a path contains a NUL character, which no file name can hold; remove it from the input", 1
     if isinstance(e, json.JSONDecodeError):
         return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or re-create the file", 1
     if module.startswith("yaml"):
@@ -428,12 +474,17 @@ def finite(value: Any) -> Any:
     return value
 
 
+_LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
+
+
 def emit(result: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
     """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table)."""
     if as_json:
         data = finite(result.to_dict())
         try:
-            sys.stdout.write(json.dumps(data, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+            text = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
+            # Line separators JSON allows raw (U+2028/9, NEL) would split the one line for line-based readers.
+            sys.stdout.write(text.translate(_LINE_BREAKS) + "\n")
         except UnicodeEncodeError:  # a terminal that is not UTF-8, or names that are not: escape them
             sys.stdout.write(json.dumps(data, ensure_ascii=True, allow_nan=False, default=str) + "\n")
         return

@@ -128,8 +128,20 @@ class Benchmark:
                 for r, (g, s) in enumerate(zip(ranked.ids[q.id], ranked.scores[q.id], strict=True), start=1)
             ]
             recs.append(Result(id=q.id, hits=hits, reference=q.reference, text=q.text))
-        write_jsonl(path, recs)
+        write_jsonl(path, recs, kind="rankings file", owned=is_rankings)
         return [path]
+
+
+def is_rankings(path: Path) -> bool:
+    """Whether ``path`` is a rankings JSONL cirkit wrote (its first line a result with ``hits``)."""
+    from cirkit.io.atomic import read_head
+
+    first = read_head(path, 1 << 20).split(b"\n", 1)[0]
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "id" in obj and isinstance(obj.get("hits"), list)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -141,7 +153,9 @@ def read_json(path: Path, what: str) -> Any:
     if not path.exists():
         raise CirkitError(f"{path}: no such file ({what})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        from cirkit.io.jsonl import loads
+
+        return loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RecordError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError:

@@ -21,6 +21,7 @@ out of the scores and listed as skipped (``--strict`` makes that fatal).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from cirkit.config import (
     precision_setting,
     setting,
     strict_setting,
+    wait_setting,
 )
 from cirkit.errors import CirkitError
 from cirkit.summary import StageResult, timed
@@ -74,6 +76,7 @@ class EvaluateConfig:
         None, flag="--exclude-reference/--keep-reference", show_default="the benchmark's protocol",
         help="Remove each query's reference from its ranking.")
     allow_pickle: bool = allow_pickle_setting()
+    wait: bool = wait_setting()
     chunk_size: int = setting(256, ge=1, cli=False, help="Queries ranked per matrix product.")
 
     def __post_init__(self):
@@ -93,12 +96,45 @@ class EvaluateConfig:
         return list(dict.fromkeys(self.mode or ["composed"]))
 
 
+def is_metrics(path: Path) -> bool:
+    """Whether ``path`` is a metrics.json cirkit wrote (which a new evaluation may replace)."""
+    from cirkit.io.atomic import read_small_json
+
+    obj = read_small_json(path)
+    return isinstance(obj, dict) and "cirkit" in obj and "primary_metric" in obj
+
+
+def _check_outputs(config: EvaluateConfig) -> None:
+    """Before any work: ``-o`` is a metrics file cirkit may write, ``--submission`` a folder."""
+    from cirkit.io.atomic import check_file_output
+
+    if config.output is not None:
+        check_file_output(config.output, "metrics file", is_metrics)
+    sub = config.submission
+    if sub is not None and Path(sub).exists() and not Path(sub).is_dir():
+        raise CirkitError(f"{sub}: --submission is a folder, but a file is here; choose a folder path")
+
+
+def _locks(config: EvaluateConfig) -> contextlib.ExitStack:
+    """One writer at a time for metrics.json and for the submission folder, for the whole run."""
+    from cirkit.io.lock import output_lock
+
+    stack = contextlib.ExitStack()
+    with stack:
+        if config.output is not None:
+            stack.enter_context(output_lock(config.output, wait=config.wait, what="metrics file"))
+        if config.submission is not None:
+            stack.enter_context(output_lock(config.submission, wait=config.wait, what="submission folder"))
+        return stack.pop_all()
+
+
 def run(config: EvaluateConfig, backbone=None) -> StageResult:
     """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object."""
     from cirkit.evaluate import load_benchmark
 
+    _check_outputs(config)
     result = StageResult("evaluate")
-    with timed(result):
+    with timed(result), _locks(config):
         bench = load_benchmark(
             config.benchmark, config.data, config.images,
             caption_join=config.caption_join, exclude_reference=config.exclude_reference,
@@ -118,7 +154,7 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
         if config.output is not None:
             from cirkit.io import atomic_write_json
 
-            atomic_write_json(config.output, metrics)
+            atomic_write_json(config.output, metrics, kind="metrics file", owned=is_metrics)
             result.outputs["metrics"] = str(config.output)
         if config.submission is not None:
             result.outputs["submission"] = str(config.submission)

@@ -47,10 +47,22 @@ def cirr_submission(ranked: Mapping[str, Sequence[str]], metric: str, version: s
     return out
 
 
+def is_submission(path: Path) -> bool:
+    """Whether ``path`` is a CIRR or CIRCO submission file (which a new evaluation may replace)."""
+    from cirkit.io.atomic import read_small_json
+
+    obj = read_small_json(path)
+    if not isinstance(obj, dict):
+        return False
+    if obj.get("metric") in CIRR_TOP and "version" in obj:
+        return True
+    return bool(obj) and all(isinstance(k, str) and k.isdigit() and isinstance(v, list) for k, v in obj.items())
+
+
 def _write(path: Path, obj: dict[str, Any], wait: bool) -> None:
-    check_file_output(path)  # before its lock file is made beside it
+    check_file_output(path, "submission file", is_submission)  # before its lock file is made beside it
     with output_lock(path, wait=wait, what="submission file"):
-        atomic_write_json(path, obj, indent=None)
+        atomic_write_json(path, obj, indent=None, kind="submission file", owned=is_submission)
 
 
 def write_cirr_submission(folder: str | Path, split: str, ranked: Mapping[str, Sequence[str]],

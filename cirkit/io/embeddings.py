@@ -96,7 +96,9 @@ def read_manifest_from_schema(schema, where: str, made_by: str = "embed") -> Emb
     if MANIFEST_KEY not in meta:
         raise CirkitError(f"{where}: no cirkit manifest; was it written by 'cirkit {made_by}'?")
     try:
-        obj = json.loads(meta[MANIFEST_KEY])
+        from cirkit.io.jsonl import loads
+
+        obj = loads(meta[MANIFEST_KEY])
     except ValueError as e:
         raise CirkitError(f"{where}: its cirkit manifest is not valid JSON ({e}); "
                           f"re-create it with 'cirkit {made_by}'") from None
@@ -226,6 +228,9 @@ class EmbeddingStore:
         remove_uncommitted(p, "embeddings store")
         if p.exists():
             table = _open(root, name, str(path))
+            if table_id_of(table.schema) is not None:  # rows added here would bypass the index's updates
+                raise CirkitError(f"{path}: is a table of an index made by 'cirkit index', not an embeddings store; "
+                                  "embed into a new NAME.lance and index that")
             have = read_manifest_from_schema(table.schema, str(path))
             check_rows_schema(table.schema, have.dim, str(path))
             if have.fingerprint() != manifest.fingerprint():

@@ -15,6 +15,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 MAX_PIXELS = 89_478_485
 # The largest side JPEG and WebP can store; with the pixel limit it bounds the decode buffers.
 MAX_SIDE = 65_535
+# The decoders cirkit lets PIL use, whatever a file's name says. PIL can also open EPS (through
+# Ghostscript, an external interpreter), PSD, ICNS, FITS and others: a file renamed to .png
+# must not reach them.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # JPEG includes MPO (camera multi-picture)
 # Models resize the shorter side to their input size (224-896 px), so the longer side grows by
 # this ratio: a 2,000,000x1 PNG (2 KB, under the pixel limit) would need ~16 GB once resized.
 # 100:1 keeps long screenshots and comic strips, and bounds one resized image to ~240 MB.
@@ -66,6 +70,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if "\x00" in str(path):  # a path from the data (an index row, a JSONL field) that no file can have
+        raise ImageError(display_path(path).replace("\x00", "\\x00"), "the path contains a NUL character")
     try:
         if path.is_dir():
             raise ImageError(display_path(path), "is a folder, not an image file")
@@ -74,7 +80,7 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
         with warnings.catch_warnings():
             # We check the size ourselves right after the header is read, with a clearer message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=FORMATS) as im:
                 w, h = im.size
                 refused = check_size(w, h, max_pixels)
                 if refused:
@@ -95,7 +101,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
         raise ImageError(display_path(path),
                          f"exceeds the {max_pixels}-pixel limit, refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(display_path(path), "not an image PIL can identify") from None
+        raise ImageError(display_path(path), "not an image PIL can identify (cirkit reads JPEG, PNG, WebP, BMP, "
+                                            "GIF and TIFF)") from None
     except _DECODE_ERRORS as e:
         raise ImageError(display_path(path), f"cannot decode ({e})") from None
 

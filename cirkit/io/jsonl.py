@@ -240,6 +240,8 @@ def iter_complete(path: str | Path, skip_malformed: bool = False) -> Iterator[tu
         return
     if path.is_dir():
         raise CirkitError(f"{path}: is a folder, but a JSONL file is written here; choose a file path")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise CirkitError(f"{path}: is not a regular file (a device, FIFO or socket); choose a file path")
     with open(path, "rb") as fh:
         for lineno, raw, terminated in _lines(fh):
             if raw is None:
@@ -292,10 +294,11 @@ def encode_record(obj: dict[str, Any], path: str | Path, key: str = "id") -> byt
         raise RecordError(path, None, f"record {obj.get(key)!r} cannot be written as JSON ({e})") from None
 
 
-def write_jsonl(path: str | Path, records: Iterable[Record | dict]) -> int:
-    """Write a whole JSONL file atomically; returns the number of records."""
+def write_jsonl(path: str | Path, records: Iterable[Record | dict], kind: str | None = None,
+                owned: Any = None) -> int:
+    """Write a whole JSONL file atomically; returns the number of records (``kind``/``owned``: see atomic_write)."""
     n = 0
-    with atomic_write(path, "wb") as fh:
+    with atomic_write(path, "wb", kind=kind, owned=owned) as fh:
         for rec in records:
             fh.write(encode_record(rec.to_dict() if isinstance(rec, Record) else rec, path))
             n += 1
@@ -320,8 +323,10 @@ class JsonlAppender:
     The caller holds the output's lock (:func:`cirkit.io.lock.output_lock`): one writer per file.
     """
 
-    def __init__(self, path: str | Path, key: str = "id", fsync: bool = False):
+    def __init__(self, path: str | Path, key: str = "id", fsync: bool = False, record: type[Record] | None = None):
         self.path = Path(path)
+        if record is not None:
+            check_output_kind(self.path, record)
         self.key = key
         self.fsync = fsync
         self.done: set[str] = set()
@@ -434,6 +439,34 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def loads(raw: bytes | str) -> Any:
+    """``json.loads`` for the JSON files cirkit reads whole (configs, manifests, annotations).
+
+    Nesting too deep for Python's parser is a ``JSONDecodeError`` like any other malformed
+    file (its callers turn that into one line naming the file), not a RecursionError traceback.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", raw if isinstance(raw, str) else "", 0) from None
+
+
+def check_output_kind(path: str | Path, record: type[Record]) -> None:
+    """Refuse to resume an existing output whose records are of another kind (its first record is checked).
+
+    Appending captions to a gallery file, or results to a training file, would mix two files
+    into one, and the ids already there would silently count as done.
+    """
+    for lineno, obj in iter_complete(path):
+        try:
+            record.from_dict(obj, path, lineno)
+        except RecordError as e:
+            why = str(e)[len(f"{e.path}:{e.line}: "):]
+            raise RecordError(path, lineno, f"{why}; so this is not a {record.kind} file to resume, "
+                                            "write the output to a new file") from None
+        return
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

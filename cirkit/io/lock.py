@@ -70,17 +70,46 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     A lock held by another live process is an :class:`OutputBusy` error naming it, unless
     ``wait``, in which case this blocks until it is free. The parent folder is created.
     """
-    from filelock import FileLock, Timeout
-
     output = Path(output)
     path = lock_file_for(output)
+    made = _missing_ancestors(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
+        _remove_empty(made)
         raise CirkitError(f"{output}: its parent {path.parent} is a file, not a folder; choose another output") from None
     except OSError as e:
+        _remove_empty(made)
         raise CirkitError(f"{output}: cannot create its folder {path.parent} ({e.strerror}); "
                           "choose an output in a folder you can write") from None
+    try:
+        lock = _take(output, path, wait, what)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield path
+    except Exception as e:
+        # An error met while writing (a full disk in a library's write, a Lance I/O error) often
+        # names no file: the error boundary names this output instead (cirkit.cli._common.describe).
+        if getattr(e, "cirkit_output", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                e.cirkit_output = str(output)
+        raise
+    finally:
+        # Unlinked while still held, so an output leaves no lock file behind: a waiter that opened
+        # this inode sees it unlinked once it gets the lock and opens the path again (filelock checks
+        # st_nlink after flock), so two holders can never lock two different files.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.release()
+        _remove_empty(made)  # folders made only for the lock, left empty by a run that wrote nothing
+
+
+def _take(output: Path, path: Path, wait: bool, what: str):
+    """The acquired lock of ``path``: at once, or (``wait``) once its holder lets go."""
+    from filelock import FileLock, Timeout
+
     lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
     try:
         _acquire(lock, output, path)
@@ -94,15 +123,26 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
         log.info("%s: waiting for %s to finish writing it", output, holder)
         lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
         _acquire(lock, output, path)
-    try:
-        yield path
-    finally:
-        # Unlinked while still held, so an output leaves no lock file behind: a waiter that opened
-        # this inode sees it unlinked once it gets the lock and opens the path again (filelock checks
-        # st_nlink after flock), so two holders can never lock two different files.
-        with contextlib.suppress(OSError):
-            path.unlink()
-        lock.release()
+    return lock
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
 
 
 def _acquire(lock, output: Path, path: Path) -> None:

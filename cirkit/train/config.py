@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirkit import config as _config
-from cirkit.config import check_settings, setting, strict_setting, wait_setting
+from cirkit.config import MAX_BATCH, MAX_WORKERS, check_settings, setting, strict_setting, wait_setting
 
 VIT = "ViT backbone"
 MLLM = "MLLM backbone"
@@ -42,7 +42,7 @@ class TrainConfig:
     # optimisation
     max_steps: int = setting(1000, ge=1, resume=True, panel=OPTIM, help="Optimiser steps.")
     epochs: int | None = setting(None, ge=1, resume=True, panel=OPTIM, help="Epochs; overrides --max-steps.")
-    batch_size: int = setting(32, ge=1, resume=True, panel=OPTIM,
+    batch_size: int = setting(32, ge=1, cap=MAX_BATCH, resume=True, panel=OPTIM,
                               help="Examples per process per micro-batch.")
     grad_accum: int = setting(1, ge=1, resume=True, panel=OPTIM, help="Micro-batches per optimiser step.")
     lr: float = setting(1e-4, gt=0, resume=True, panel=OPTIM, help="Peak learning rate (AdamW).")
@@ -54,7 +54,7 @@ class TrainConfig:
                                           help="Clip gradients to this norm; 0 = off.")
     precision: str = setting("auto", panel=OPTIM, help="auto (bf16 on GPUs that have it), fp32, bf16, fp16.")
     seed: int = setting(0, ge=0, resume=True, panel=OPTIM, help="Seed of initialisation and data order.")
-    num_workers: int = setting(2, ge=0, panel=OPTIM, help="DataLoader worker processes.")
+    num_workers: int = setting(2, ge=0, cap=MAX_WORKERS, panel=OPTIM, help="DataLoader worker processes.")
     log_every: int = setting(10, ge=1, panel=OPTIM, help="Steps between metrics.jsonl lines.")
     save_every: int = setting(200, ge=0, panel=OPTIM, help="Steps between checkpoint saves; 0 = only at the end.")
     temperature: float = setting(0.07, gt=0, resume=True, panel=OPTIM, help="InfoNCE temperature at the start.")

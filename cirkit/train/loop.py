@@ -206,7 +206,7 @@ def _inputs(config: TrainConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def _writer(run: _Run):
     """The whole run holds the output's single-writer lock (main process); the others wait for it."""
-    from cirkit.checkpoint import open_output
+    from cirkit.checkpoint import open_output, unclaim_output
     from cirkit.io.lock import output_lock
 
     wait = bool(run.config.wait)
@@ -214,7 +214,12 @@ def _writer(run: _Run):
         if run.main:
             open_output(run.out)
         run.accelerator.wait_for_everyone()
-        yield
+        try:
+            yield
+        except BaseException:
+            if run.main:
+                unclaim_output(run.out)  # a run that failed before writing anything leaves no folder behind
+            raise
 
 
 def _seed(seed: int, rank: int | None = None) -> None:
