@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirkit.config import (
+    UsageError,
     allow_pickle_setting,
     batch_size_setting,
     check_settings,
@@ -32,7 +33,7 @@ from cirkit.summary import StageResult, timed
 class EmbedConfig:
     """Settings of ``cirkit embed`` (recipe section ``embed``)."""
 
-    input: Path | None = setting(None, positional=True, metavar="IMAGES",
+    input: Path | None = setting(None, positional=True, metavar="IMAGES", stdio="in",
                                  help="A folder of images or a gallery.jsonl.")
     output: Path | None = setting(None, short="-o", help="Embeddings store to write or extend (NAME.lance).")
     backbone: str | None = setting(None, help="clip, vit, mllm or fake (a checkpoint folder names its own).")
@@ -77,9 +78,9 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
     from cirkit.io.lock import output_lock
 
     if config.input is None:
-        raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
+        raise UsageError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
     if config.output is None:
-        raise CirkitError("no output: pass -o gallery.lance")
+        raise UsageError("no output: pass -o gallery.lance")
     if config.batch_size < 1:
         raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.num_workers is not None and config.num_workers < 0:

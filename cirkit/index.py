@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cirkit.config import check_settings, setting, wait_setting
+from cirkit.config import UsageError, check_settings, setting, wait_setting
 from cirkit.errors import CirkitError, RecordError
 from cirkit.records import EmbeddingManifest
 from cirkit.search import (
@@ -172,7 +172,9 @@ def _check(config: IndexConfig) -> None:
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
-        raise CirkitError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+        raise UsageError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+    if str(config.output) == "-":
+        raise CirkitError("--output -: an index is a folder or a LanceDB URI, not a stream; give a path")
     if config.index_type not in INDEX_TYPES:
         raise CirkitError(f"unknown --index-type {config.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     check_name(config.table, "--table")

@@ -92,10 +92,17 @@ def _remove(entry: Path) -> None:
             entry.unlink()
 
 
+def is_stdio(path: str | Path | None) -> bool:
+    """Whether ``path`` is ``-``: standard output for a per-record output, standard input for an input."""
+    return path is not None and str(path) == "-"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
+    if is_stdio(path):
+        raise CirkitError("-: this output is written whole, not streamed record by record; give a file path")
     check_file_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path)
@@ -121,8 +128,10 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
 
 
 def check_file_output(path: str | Path) -> None:
-    """A file output must not be a folder, and its parent must not be a file."""
+    """A file output must not be a folder, and its parent must not be a file (``-``, standard output, is fine)."""
     path = Path(path)
+    if is_stdio(path):
+        return
     if path.is_dir():
         raise CirkitError(f"{path}: is a folder, but a file is written here; choose a file path")
     for parent in path.parents:

@@ -72,7 +72,12 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     """
     from filelock import FileLock, Timeout
 
+    from cirkit.io.atomic import is_stdio
+
     output = Path(output)
+    if is_stdio(output):  # standard output belongs to this process: nothing to share, nothing to lock
+        yield output
+        return
     path = lock_file_for(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
