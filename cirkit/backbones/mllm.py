@@ -181,6 +181,9 @@ def load_base(model_id: str, trust_remote_code: bool = False, dtype: torch.dtype
     """``(model, processor)`` from a hub id or local folder (never runs remote code unless asked)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from cirkit.hub import check_model
+
+    check_model(model_id, "multimodal model")
     try:
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         kwargs = {"dtype": dtype} if dtype is not None else {}
