@@ -46,6 +46,8 @@ class EmbedConfig:
     strict: bool = strict_setting()
     allow_pickle: bool = allow_pickle_setting()
     trust_remote_code: bool = trust_remote_code_setting()
+    sync: bool = setting(False, help="Also remove stored ids whose image is not in IMAGES any more (keep a store "
+                                     "in step with a folder; changed files are re-embedded either way).")
     wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
@@ -66,6 +68,22 @@ def gallery_items(source: str | Path) -> list[tuple[str, Path]]:
     if not source.exists():
         raise CirkitError(f"{source}: no such folder or file")
     raise CirkitError(f"{source}: expected a folder of images or a gallery.jsonl")
+
+
+def _sync(store, items: list[tuple[str, Path]], config: EmbedConfig) -> tuple[int, int]:
+    """Drop the rows to embed again (their file changed, or the id now names another file) and, with
+    ``sync``, the rows whose id is not in ``items``; returns (changed, removed)."""
+    import logging
+
+    changed = store.stale(items)
+    store.remove(changed)  # embedded again below; a kill in between re-embeds them on the next run
+    present = {k for k, _ in items}
+    vanished = sorted(k for k in store.done if k not in present)
+    if vanished and not config.sync:
+        logging.getLogger("cirkit").info("%s: %d stored ids have no image in %s (e.g. %s); --sync removes them",
+                                         config.output, len(vanished), config.input, vanished[0])
+        vanished = []
+    return len(changed), store.remove(vanished)
 
 
 def run(config: EmbedConfig, backbone=None) -> StageResult:
@@ -120,8 +138,10 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
     # the gallery side of the model: image embeddings, whatever the query mode
     manifest = dataclasses.replace(backbone.manifest(), normalized=True, mode="image", count=None)
     store = EmbeddingStore.open_for_append(config.output, manifest)
+    changed, removed = _sync(store, items, config)
     todo = [(k, p) for k, p in items if k not in store.done]
     result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
+    result.counts.update({k: v for k, v in (("changed", changed), ("removed", removed)) if v})  # when there are any
     path_of = dict(todo)
     workers = default_workers() if config.num_workers is None else config.num_workers
     rate = Rate("img")
@@ -132,6 +152,7 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
                                           progress, task, rate):
             vecs = backbone.embed_images(batch).float().cpu().numpy()
             result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+    store.record_signatures(items)  # rows of an older store: their files as they are now
     for key, reason in failed:
         result.skip(str(path_of[key]), reason)
     result.counts["failed"] = len(failed)

@@ -70,6 +70,8 @@ class IndexConfig:
                                           help="PQ sub-vectors.")
     cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
                                      help="Folder of the exact-search vector cache.")
+    sync: bool = setting(False, help="Also delete the indexed ids that are not in EMBEDDINGS any more "
+                                     "(after 'cirkit embed --sync', the index holds exactly the folder's images).")
     wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
@@ -185,6 +187,8 @@ def _check(config: IndexConfig) -> None:
         raise CirkitError(f"--ann-threshold must be at least 0, got {config.ann_threshold}")
     if config.embeddings is not None and not Path(config.embeddings).exists():
         raise CirkitError(f"{config.embeddings}: no such embeddings store (make one with 'cirkit embed')")
+    if config.sync and config.embeddings is None:
+        raise UsageError("--sync compares the index with an embeddings store: give EMBEDDINGS")
     if config.metadata is not None and not Path(config.metadata).is_file():
         raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
@@ -225,6 +229,9 @@ def run(config: IndexConfig) -> StageResult:
                     raise CirkitError(f"{uri}: no index table {name!r} yet; give an embeddings store to create it")
                 _create(uri, name, emb, meta_rows, meta_cols, config, counts, result)
                 index = Index.open(uri, name, config.cache_dir)
+            if config.sync:  # ids the store no longer has (files removed from the folder)
+                stored = set(emb[1])
+                to_delete += [i for i in index.cache().ids.to_pylist() if i not in stored]
             if to_delete:
                 _delete(index, to_delete, counts, result)
             counts["rows"] = index.count()

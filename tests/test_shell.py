@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,51 @@ def test_a_url_in_a_gallery_is_one_line_naming_file_line_and_field(tmp_path, url
                                       "local files, so download them and list their paths" + (
                                           " (relative to this file's folder, or absolute)" if args[0] == "embed" else ""))
     assert not (tmp_path / "g.lance").exists() and not (tmp_path / "c.jsonl").exists()
+
+
+# -- a folder kept in sync: embed --sync && index --sync ----------------------------------------------------
+@pytest.mark.slow
+def test_a_folder_edit_then_sync_leaves_exactly_the_current_files_indexed(tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+
+    def paint(name: str, colour: str) -> None:
+        Image.new("RGB", (24, 24), tuple(int(255 * c) for c in COLOURS[colour])).save(photos / f"{name}.png")
+
+    for n in ("a", "b", "c"):
+        paint(n, {"a": "red", "b": "green", "c": "blue"}[n])
+
+    def sync() -> tuple[dict, dict]:
+        e = sh("embed", "photos", "--backbone", "fake", "-o", "g.lance", "--sync", "--json", cwd=tmp_path)
+        assert e.returncode == 0, e.stderr
+        i = sh("index", "g.lance", "-o", "idx", "--sync", "--json", cwd=tmp_path)
+        assert i.returncode == 0, i.stderr
+        return json.loads(e.stdout)["counts"], json.loads(i.stdout)["counts"]
+
+    def indexed() -> dict[str, list[float]]:
+        from cirkit.search import open_index
+
+        idx = open_index(str(tmp_path / "idx"), "images", None)
+        cache = idx.cache()
+        return {k: [round(float(x), 3) for x in cache.vectors[i][:3]] for i, k in enumerate(cache.ids.to_pylist())}
+
+    sync()
+    before = indexed()
+    assert sorted(before) == ["a", "b", "c"]
+    paint("d", "yellow")  # added
+    time.sleep(0.01)
+    paint("b", "white")  # modified: same name, new content (size or mtime differ)
+    (photos / "c.png").unlink()  # removed
+    emb, idx = sync()
+    assert emb == {"images": 3, "embedded": 2, "already_stored": 1, "failed": 0, "changed": 1, "removed": 1}
+    assert (idx["added"], idx["updated"], idx["deleted"], idx["rows"]) == (1, 1, 1, 3)
+    now = indexed()
+    assert sorted(now) == ["a", "b", "d"]
+    assert now["b"] != before["b"] and now["b"][0] == now["b"][1] == now["b"][2]  # green -> white
+    emb, idx = sync()  # nothing changed: nothing written
+    assert emb == {"images": 3, "embedded": 0, "already_stored": 3, "failed": 0}
+    assert (idx["added"], idx["updated"], idx["deleted"]) == (0, 0, 0)
+    q = sh("query", "--text", "white", "--index", "idx", "-k", "1", "--json", cwd=tmp_path)
+    assert json.loads(q.stdout)["details"]["hits"][0]["id"] == "b"  # the new content is what is searched
