@@ -119,3 +119,11 @@ def test_an_adapter_folder_loads_with_plain_peft(tiny_llava, mllm_data, tmp_path
     assert not (adapter / "model.safetensors").exists() and not (adapter / "cirkit.json").exists()
     got = plain(base=tiny_llava, adapter=adapter)
     assert got["peft_checksum"] != 0
+
+
+@pytest.mark.slow
+def test_a_fully_fine_tuned_folder_is_a_model_folder_too(tiny_llava, mllm_data, tmp_path):
+    full = train(tiny_llava, mllm_data, tmp_path / "full", "--full-finetune")
+    assert json.loads((full / "config.json").read_text())["model_type"] == "llava"
+    assert json.loads((full / "cirkit.json").read_text())["weights"] == "full" and not (full / "adapter").exists()
+    assert plain(folder=full)["kind"] == "LlavaForConditionalGeneration"
