@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cirkit import hub
 from cirkit.errors import CirkitError
-from cirkit.hub import check_model
 
 log = logging.getLogger("cirkit")
 
@@ -167,7 +167,7 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
     dev = pick_device(device)
     dt = pick_dtype(precision, dev)  # both checked before anything loads
     model, gguf_file, name = causal_lm_ref(model, gguf_file)
-    check_model(model, "language model")
+    hub.check_model(model, "language model")
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -296,7 +296,7 @@ def load_captioner(model: str, device: str | None = None, precision: str | None 
     _quiet_transformers()
     dev = pick_device(device)
     dt = pick_dtype(precision, dev)
-    check_model(model, "captioning model", extra=", or import captions you already have with --from FILE")
+    hub.check_model(model, "captioning model", extra=", or import captions you already have with --from FILE")
     kw = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(model, **kw)

@@ -106,16 +106,21 @@ def go_offline() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
-def how_to_get(ref: str, extra: str = "") -> str:
+LOCAL_FOLDER = "a local model folder (-m path/to/folder)"
+
+
+def how_to_get(ref: str, extra: str = "", local: str = LOCAL_FOLDER) -> str:
     """What a user can do about a model that cannot be downloaded here."""
     return (f"download it where there is network (huggingface-cli download {ref}) and copy {cache_dir()} here, "
-            f"or pass a local model folder (-m path/to/folder){extra}")
+            f"or pass {local}{extra}")
 
 
-def check_model(ref: str | None, what: str = "model", extra: str = "", kind: str = "model") -> None:
+def check_model(ref: str | None, what: str = "model", extra: str = "", kind: str = "model",
+                local: str = LOCAL_FOLDER) -> None:
     """Fail in one line, without retries, when hub id ``ref`` cannot load here (see module docstring).
 
-    ``extra``: another way out for this stage, appended to the fixes (", or ...").
+    ``extra``: another way out for this stage, appended to the fixes (", or ..."); ``local``: how
+    this stage takes the model from a local path.
     """
     if not ref or not is_hub_id(ref):
         return
@@ -124,7 +129,7 @@ def check_model(ref: str | None, what: str = "model", extra: str = "", kind: str
         if cached:
             return
         raise CirkitError(f"{ref}: this {what} is not in the local Hugging Face cache ({cache_dir()}) and "
-                          f"HF_HUB_OFFLINE is set, so it cannot be downloaded; {how_to_get(ref, extra)}")
+                          f"HF_HUB_OFFLINE is set, so it cannot be downloaded; {how_to_get(ref, extra, local)}")
     reason = probe()
     if reason is None:
         return
@@ -133,5 +138,5 @@ def check_model(ref: str | None, what: str = "model", extra: str = "", kind: str
         log.info("%s is unreachable (%s); loading %s from the local cache", endpoint(), reason, ref)
         return
     raise CirkitError(f"{ref}: cannot download this {what}: {endpoint()} is unreachable ({reason}) and it is not in "
-                      f"the local Hugging Face cache ({cache_dir()}); {how_to_get(ref, extra)}; "
+                      f"the local Hugging Face cache ({cache_dir()}); {how_to_get(ref, extra, local)}; "
                       "set HF_HUB_OFFLINE=1 to skip this check")

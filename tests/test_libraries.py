@@ -226,7 +226,8 @@ def test_other_stages_check_the_hub_too(empty_cache, monkeypatch):
     assert "llava-hf/llava-1.5-7b-hf: this multimodal model is not in the local Hugging Face cache" in line
     line = one_error(invoke("-q", "embed", empty_cache.parent, "--backbone", "clip", "-m", "ViT-B-32", "--pretrained",
                             "openai", "-o", empty_cache.parent / "g.lance"))
-    assert "timm/vit_base_patch32_clip_224.openai: this open_clip weights (ViT-B-32 openai) is not in" in line
+    assert "timm/vit_base_patch32_clip_224.openai: this open_clip model (ViT-B-32, weights openai) is not in" in line
+    assert "or pass a local weights file (--pretrained path/to/open_clip_model.safetensors)" in line
 
 
 def _captions_file(folder: Path) -> Path:

@@ -160,6 +160,7 @@ def test_caption_with_a_model_from_stdin_to_stdout(gallery, tiny_llava, tmp_path
     (["caption", "--from", "-", "-o", "c.jsonl"], "--from"),
     (["query", "--text", "red", "--index", "idx", "--html", "-"], "--html"),
     (["train", "-", "--stage", "1", "-o", "runs/x"], "DATA"),
+    (["train", "d.jsonl", "--stage", "1", "-o", "-"], "--output"),
 ])
 def test_dash_is_refused_where_nothing_streams(tmp_path, args, flag):
     from typer.testing import CliRunner

@@ -79,7 +79,8 @@ def _check_hub(model: str, pretrained: str | None) -> None:
     elif pretrained and not Path(pretrained).is_file():
         repo = (open_clip.get_pretrained_cfg(model, pretrained) or {}).get("hf_hub", "").strip("/")
         if repo:
-            check_model(repo, f"open_clip weights ({model} {pretrained})")
+            check_model(repo, f"open_clip model ({model}, weights {pretrained})",
+                        local="a local weights file (--pretrained path/to/open_clip_model.safetensors)")
 
 
 def _weights_file(model: str, pretrained: str | None) -> str | None:
