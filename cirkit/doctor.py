@@ -17,7 +17,7 @@ PACKAGES = ("torch", "transformers", "open_clip_torch", "lancedb", "accelerate",
             "huggingface_hub", "safetensors", "pyarrow", "pillow", "typer")
 # Optional extras: what each enables, and the modules it needs.
 EXTRAS = {
-    "serve": ("cirkit serve (an HTTP search service)", ("fastapi", "uvicorn")),
+    "serve": ("cirkit serve (an HTTP search service)", ("fastapi", "uvicorn", "python_multipart")),
     "llama-cpp": ("GGUF language models through llama.cpp", ("llama_cpp",)),
     "gguf": ("reading GGUF files with transformers (the offline SmolLM2)", ("gguf",)),
 }

@@ -36,7 +36,7 @@ def _best_of(args, n=3):
 
 def test_stages_are_registered():
     assert {"synth", "evaluate"} <= set(COMMANDS)
-    stages = sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "synth", "train"])
+    stages = sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "serve", "synth", "train"])
     # issue 14 adds two tools beside the stages (was: COMMANDS == stages)
     assert COMMANDS == sorted([*stages, "doctor", "recipes"])
 

@@ -12,7 +12,7 @@ from cirkit.cli._common import QUIET_HELP, VERBOSE_HELP, CirkitGroup, StubComman
 app = typer.Typer(
     name="cirkit",
     cls=CirkitGroup,
-    help="Zero-shot Composed Image Retrieval: caption, reformulate, train, embed, index, query, evaluate.",
+    help="Zero-shot Composed Image Retrieval: caption, reformulate, train, embed, index, query, serve, evaluate.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -46,12 +46,13 @@ from cirkit.cli import evaluate as _evaluate  # noqa: E402
 from cirkit.cli import index as _index  # noqa: E402
 from cirkit.cli import query as _query  # noqa: E402
 from cirkit.cli import reformulate as _reformulate  # noqa: E402
+from cirkit.cli import serve as _serve  # noqa: E402
 from cirkit.cli import synth as _synth  # noqa: E402
 from cirkit.cli import train as _train  # noqa: E402
 
 # Each is registered as a stub with its docstring; CirkitGroup builds its options when it runs.
 for _fn in (_synth.synth, _caption.caption, _reformulate.reformulate, _evaluate.evaluate, _index.index,
-            _query.query, _train.train, _embed.embed):
+            _query.query, _train.train, _embed.embed, _serve.serve):
     app.command(name=_fn.__name__, cls=StubCommand)(_fn)
 
 # Tools around the stages: no config dataclass, no torch.
