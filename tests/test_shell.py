@@ -145,6 +145,18 @@ def test_query_batch_from_stdin_to_stdout(gallery):
 
 
 @pytest.mark.slow
+def test_embed_reads_a_gallery_listing_from_stdin(gallery, tmp_path):
+    listing = "".join(json.dumps({"id": n, "image": f"photos/{n}.png"}) + "\n" for n in NAMES[:2])
+    proc = sh("embed", "-", "--backbone", "fake", "-o", tmp_path / "g.lance", "--json", cwd=gallery, stdin=listing)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"]["embedded"] == 2
+    from cirkit.io.embeddings import read_embeddings
+
+    _, ids, images, _ = read_embeddings(tmp_path / "g.lance")
+    assert ids == NAMES[:2] and images == [str(gallery / "photos" / f"{n}.png") for n in NAMES[:2]]
+
+
+@pytest.mark.slow
 def test_caption_with_a_model_from_stdin_to_stdout(gallery, tiny_llava, tmp_path):
     listing = "".join(json.dumps({"id": n, "image": str(gallery / "photos" / f"{n}.png")}) + "\n" for n in NAMES[:2])
     proc = sh("caption", "-", "-o", "-", "-m", tiny_llava, "--max-new-tokens", "3", "--num-workers", "0",
