@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.config import (
+    UsageError,
     batch_size_setting,
     check_settings,
     device_setting,
@@ -58,7 +59,7 @@ from cirkit.config import (
     wait_setting,
 )
 from cirkit.errors import CirkitError, ImageError, RecordError
-from cirkit.io.atomic import check_file_output, glob_escape
+from cirkit.io.atomic import check_file_output, glob_escape, is_stdio
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
 from cirkit.io.jsonl import (
     JsonlAppender,
@@ -70,7 +71,7 @@ from cirkit.io.jsonl import (
     read_jsonl,
 )
 from cirkit.io.lock import output_lock
-from cirkit.records import Caption, relative_path, resolve_path
+from cirkit.records import Caption, is_url, output_dir, relative_path, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
@@ -88,9 +89,9 @@ class CaptionConfig:
     """Settings of ``cirkit caption`` (CLI flags, recipe keys and Python arguments alike)."""
 
     images: Path | None = setting(
-        None, positional=True, metavar="IMAGES",
+        None, positional=True, metavar="IMAGES", stdio="in",
         help="A folder of images (recursive) or a gallery/captions JSONL with id and image.")
-    output: Path = setting(Path("captions.jsonl"), short="-o", help="Captions JSONL to write or resume.")
+    output: Path = setting(Path("captions.jsonl"), short="-o", stdio="out", help="Captions JSONL to write or resume.")
     from_file: Path | None = setting(
         None, flag="--from",
         help="Import existing captions (JSONL with id/image/caption, CSV, or JSON) instead of running a model.")
@@ -168,7 +169,7 @@ def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | No
         for item, reason in unnamed:
             result.skip(item, reason)
         return out
-    if not images.exists():
+    if not images.exists() and not is_stdio(images):
         raise CirkitError(f"{display_path(images)}: no such folder or file (give a folder of images or a gallery JSONL)")
     if images.suffix.lower() in IMAGE_EXTENSIONS:
         raise CirkitError(f"{images}: is an image; give the folder that holds it (or a gallery JSONL listing it)")
@@ -179,6 +180,9 @@ def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | No
             raise RecordError(images, lineno, "missing (each line needs id and image)", "image")
         if not isinstance(image, str) or not image.strip():
             raise RecordError(images, lineno, f"expected a non-empty string (an image path), got {image!r:.60}", "image")
+        if is_url(image):
+            raise RecordError(images, lineno, f"{image[:80]!r} is a URL; cirkit reads images from local files, so "
+                                              "download them and list their paths", "image")
         if isinstance(obj.get("id"), (bool, float, list, dict)):
             raise RecordError(images, lineno, f"expected a string, got {obj['id']!r:.60}", "id")
         key = str(obj.get("id") or Path(image).stem)
@@ -240,11 +244,12 @@ class _Captioner:
             c = self.config
             self.cap = load_captioner(c.model, c.device or self.device, c.precision, c.trust_remote_code)
             self.prompt = (c.prompt or DEFAULT_PROMPT) if self.cap.chat else c.prompt
-            _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
+            if not is_stdio(self.out):
+                _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
         return self.cap
 
 
-def _text_path(path: Path, out_dir: Path) -> str | None:
+def _text_path(path: Path, out_dir: Path | None) -> str | None:
     """``path`` as written in the output (relative to it), or None if it is not UTF-8 text."""
     rel = relative_path(path, out_dir)
     try:
@@ -260,7 +265,7 @@ def run(config: CaptionConfig) -> StageResult:
     if config.from_file is not None:
         return import_captions(config.from_file, config.output, strict=config.strict, wait=wait)
     if config.images is None:
-        raise CirkitError("give a folder of images (or a gallery JSONL) to caption, or --from FILE to import captions")
+        raise UsageError("give a folder of images (or a gallery JSONL) to caption, or --from FILE to import captions")
     from cirkit.device import process_info
     from cirkit.generation import GenerationSettings
 
@@ -274,6 +279,8 @@ def run(config: CaptionConfig) -> StageResult:
     check_not_input(out, images)
     check_output_kind(out, Caption)  # before its ids count as done
     proc = process_info()
+    if is_stdio(out) and proc.world > 1:
+        raise CirkitError("-o - streams captions from one process; under accelerate launch write them to a file")
     with timed(result):
         items = _inputs(images, result)
         if config.limit is not None:
@@ -290,12 +297,14 @@ def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Path, 
     from cirkit.encode import default_workers, iter_image_batches
     from cirkit.generation import caption_images
 
-    _check_same_model(out, config.model, config.prompt)  # before any model is loaded
-    done = _ids_in(out)
-    for part in _parts(out):
-        done |= _ids_in(part)
+    done: set[str] = set()
+    if not is_stdio(out):  # standard output has nothing to resume
+        _check_same_model(out, config.model, config.prompt)  # before any model is loaded
+        done = _ids_in(out)
+        for part in _parts(out):
+            done |= _ids_in(part)
     proc.wait()  # everyone has read the done set before anyone appends
-    out_dir = out.parent.resolve()
+    out_dir = output_dir(out)
     mine, paths = [], {}
     for k, p, _ in items:
         if k in done or shard_of(k, proc.world) != proc.rank:
@@ -331,7 +340,7 @@ def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Path, 
                         settings=settings.to_dict(), group=group_of.get(key)))
             progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
     proc.wait()
-    if proc.is_main:
+    if proc.is_main and not is_stdio(out):
         merged = merge_parts(out)
         if merged:
             result.counts["merged_from_parts"] = merged
@@ -420,7 +429,7 @@ def import_captions(source: Path, output: Path, strict: bool = False, wait: bool
     check_output_kind(output, Caption)
     with timed(result), output_lock(output, wait=wait, what="captions file"):
         rows = _read_any(source)
-        out_dir = output.parent.resolve()
+        out_dir = output_dir(output)
         seen: dict[str, str] = {}
         records: list[tuple[str, str, int | None, Path, dict[str, Any]]] = []
         for where, line, row in rows:  # every row is checked before anything is written

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirkit.config import (
+    UsageError,
     allow_pickle_setting,
     batch_size_setting,
     check_settings,
@@ -32,7 +33,7 @@ from cirkit.summary import StageResult, timed
 class EmbedConfig:
     """Settings of ``cirkit embed`` (recipe section ``embed``)."""
 
-    input: Path | None = setting(None, positional=True, metavar="IMAGES",
+    input: Path | None = setting(None, positional=True, metavar="IMAGES", stdio="in",
                                  help="A folder of images or a gallery.jsonl.")
     output: Path | None = setting(None, short="-o", help="Embeddings store to write or extend (NAME.lance).")
     backbone: str | None = setting(None, help="clip, vit, mllm or fake (a checkpoint folder names its own).")
@@ -45,6 +46,8 @@ class EmbedConfig:
     strict: bool = strict_setting()
     allow_pickle: bool = allow_pickle_setting()
     trust_remote_code: bool = trust_remote_code_setting()
+    sync: bool = setting(False, help="Also remove stored ids whose image is not in IMAGES any more (keep a store "
+                                     "in step with a folder; changed files are re-embedded either way).")
     wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
@@ -71,6 +74,22 @@ def gallery_items(source: str | Path, skipped: list[tuple[str, str]] | None = No
     raise CirkitError(f"{source}: expected a folder of images or a gallery.jsonl")
 
 
+def _sync(store, items: list[tuple[str, Path]], config: EmbedConfig) -> tuple[int, int]:
+    """Drop the rows to embed again (their file changed, or the id now names another file) and, with
+    ``sync``, the rows whose id is not in ``items``; returns (changed, removed)."""
+    import logging
+
+    changed = store.stale(items)
+    store.remove(changed)  # embedded again below; a kill in between re-embeds them on the next run
+    present = {k for k, _ in items}
+    vanished = sorted(k for k in store.done if k not in present)
+    if vanished and not config.sync:
+        logging.getLogger("cirkit").info("%s: %d stored ids have no image in %s (e.g. %s); --sync removes them",
+                                         config.output, len(vanished), config.input, vanished[0])
+        vanished = []
+    return len(changed), store.remove(vanished)
+
+
 def run(config: EmbedConfig, backbone=None) -> StageResult:
     """Embed the gallery into ``config.output``; ``backbone`` overrides loading one from the config.
 
@@ -82,9 +101,9 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
     from cirkit.io.lock import output_lock
 
     if config.input is None:
-        raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
+        raise UsageError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
     if config.output is None:
-        raise CirkitError("no output: pass -o gallery.lance")
+        raise UsageError("no output: pass -o gallery.lance")
     if config.batch_size < 1:
         raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.num_workers is not None and config.num_workers < 0:
@@ -146,8 +165,10 @@ def _append(config: EmbedConfig, items: list[tuple[str, Path]], backbone, store,
     from cirkit.encode import decoded_batches, default_workers
     from cirkit.summary import Rate, make_progress
 
+    changed, removed = _sync(store, items, config)
     todo = [(k, p) for k, p in items if k not in store.done]
     result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
+    result.counts.update({k: v for k, v in (("changed", changed), ("removed", removed)) if v})  # when there are any
     path_of = dict(todo)
     workers = default_workers() if config.num_workers is None else config.num_workers
     rate = Rate("img")
@@ -158,6 +179,7 @@ def _append(config: EmbedConfig, items: list[tuple[str, Path]], backbone, store,
                                           progress, task, rate):
             vecs = backbone.embed_images(batch).float().cpu().numpy()
             result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+    store.record_signatures(items)  # rows of an older store: their files as they are now
     for key, reason in failed:
         result.skip(str(path_of[key]), reason)
     result.counts["failed"] = len(failed)

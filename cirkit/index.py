@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cirkit.config import check_settings, setting, wait_setting
+from cirkit.config import UsageError, check_settings, setting, wait_setting
 from cirkit.errors import CirkitError, RecordError
 from cirkit.records import EmbeddingManifest
 from cirkit.search import (
@@ -70,6 +70,8 @@ class IndexConfig:
                                           help="PQ sub-vectors.")
     cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
                                      help="Folder of the exact-search vector cache.")
+    sync: bool = setting(False, help="Also delete the indexed ids that are not in EMBEDDINGS any more "
+                                     "(after 'cirkit embed --sync', the index holds exactly the folder's images).")
     wait: bool = wait_setting()
 
     def __post_init__(self) -> None:
@@ -189,7 +191,9 @@ def _check(config: IndexConfig) -> None:
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
-        raise CirkitError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+        raise UsageError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+    if str(config.output) == "-":
+        raise CirkitError("--output -: an index is a folder or a LanceDB URI, not a stream; give a path")
     if config.index_type not in INDEX_TYPES:
         raise CirkitError(f"unknown --index-type {config.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     check_name(config.table, "--table")
@@ -200,6 +204,8 @@ def _check(config: IndexConfig) -> None:
         raise CirkitError(f"--ann-threshold must be at least 0, got {config.ann_threshold}")
     if config.embeddings is not None and not Path(config.embeddings).exists():
         raise CirkitError(f"{config.embeddings}: no such embeddings store (make one with 'cirkit embed')")
+    if config.sync and config.embeddings is None:
+        raise UsageError("--sync compares the index with an embeddings store: give EMBEDDINGS")
     if config.metadata is not None and not Path(config.metadata).is_file():
         raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
@@ -244,6 +250,9 @@ def run(config: IndexConfig) -> StageResult:
                     raise CirkitError(f"{uri}: no index table {name!r} yet; give an embeddings store to create it")
                 _create(uri, name, emb, meta_rows, meta_cols, config, counts, result)
                 index = Index.open(uri, name, config.cache_dir)
+            if config.sync:  # ids the store no longer has (files removed from the folder)
+                stored = set(emb[1])
+                to_delete += [i for i in index.cache().ids.to_pylist() if i not in stored]
             if to_delete:
                 _delete(index, to_delete, counts, result)
             counts["rows"] = index.count()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.config import (
+    UsageError,
     batch_size_setting,
     check_settings,
     device_setting,
@@ -64,8 +65,8 @@ class QueryConfig:
     refine_factor: int | None = setting(None, ge=1, show_default="30", help="ANN: re-rank k*factor candidates exactly.")
     html: Path | None = setting(None, help="Write a self-contained HTML contact sheet.")
     grid: Path | None = setting(None, help="Write a PNG grid of query and results.")
-    batch: Path | None = setting(None, help="queries.jsonl (cirkit Query records) to answer.")
-    output: Path = setting(Path("results.jsonl"), short="-o", help="Batch results file.")
+    batch: Path | None = setting(None, stdio="in", help="queries.jsonl (cirkit Query records) to answer.")
+    output: Path = setting(Path("results.jsonl"), short="-o", stdio="out", help="Batch results file.")
     batch_size: int = batch_size_setting(64, "Queries embedded")
     num_workers: int | None = num_workers_setting(0)
     strict: bool = strict_setting()
@@ -134,9 +135,9 @@ def _resolved_path(a: str | Path) -> str:
 def _check(config: QueryConfig) -> None:
     """Refuse settings that cannot work, before loading anything."""
     if not config.index:
-        raise CirkitError("no index given; pass --index INDEX (made by 'cirkit index')")
+        raise UsageError("no index given; pass --index INDEX (made by 'cirkit index')")
     if config.batch is None and config.image is None and not (config.text or "").strip():
-        raise CirkitError("nothing to search for: give a reference IMAGE, a --text, both, or --batch queries.jsonl")
+        raise UsageError("nothing to search for: give a reference IMAGE, a --text, both, or --batch queries.jsonl")
     if config.batch is not None and (config.image is not None or config.text):
         raise CirkitError("--batch reads its queries from the file; drop the IMAGE/TEXT arguments")
     if config.image is not None and not Path(config.image).exists():
@@ -145,10 +146,10 @@ def _check(config: QueryConfig) -> None:
     outputs = {"--html": config.html, "--grid": config.grid}
     if config.batch is not None:
         outputs["--output"] = config.output
-    inputs = {"--batch": config.batch, "IMAGE": config.image}
+    inputs = {"--batch": None if str(config.batch) == "-" else config.batch, "IMAGE": config.image}
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
-        if path is None:
+        if path is None or str(path) == "-":  # standard input/output is no file to overwrite
             continue
         key = _resolved_path(path)
         clash = next((f for f, p in inputs.items() if p is not None and _resolved_path(p) == key), None) or seen.get(key)
@@ -255,6 +256,7 @@ def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: QueryRe
 def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: QueryResult) -> list[Result]:
     from cirkit.encode import encode_queries
     from cirkit.io.jsonl import JsonlAppender, read_records
+    from cirkit.io.lock import output_lock
     from cirkit.records import Query, resolve_path
     from cirkit.summary import make_progress
 

@@ -45,6 +45,7 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
     register_configs()
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         raise CirkitError(f"unknown open_clip model {model!r} (see open_clip.list_models())")
+    _check_hub(model, pretrained)
     _check_weights_file(model, pretrained, allow_pickle)
     # Without a tag the weights are random on purpose (training from scratch, or a cirkit
     # checkpoint loaded next): open_clip's "No pretrained weights loaded" warning is noise then.
@@ -67,6 +68,21 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
             logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(model)
     return clip, preprocess, tokenizer
+
+
+def _check_hub(model: str, pretrained: str | None) -> None:
+    """Weights that come from the Hugging Face Hub: one line at once when they cannot (cirkit.hub)."""
+    import open_clip
+
+    from cirkit.hub import check_model
+
+    if model.startswith("hf-hub:"):
+        check_model(model[len("hf-hub:"):], "open_clip model")
+    elif pretrained and not Path(pretrained).is_file():
+        repo = (open_clip.get_pretrained_cfg(model, pretrained) or {}).get("hf_hub", "").strip("/")
+        if repo:
+            check_model(repo, f"open_clip model ({model}, weights {pretrained})",
+                        local="a local weights file (--pretrained path/to/open_clip_model.safetensors)")
 
 
 def _weights_file(model: str, pretrained: str | None) -> str | None:

@@ -45,6 +45,20 @@ class BackboneSpec:
     allow_pickle: bool = False
 
 
+def needs(mode: str) -> str:
+    """What a query must have for ``mode`` ("" when either input will do)."""
+    return {"image": "a reference image", "text": "a modification text"}.get(mode, "")
+
+
+def query_fits(mode: str, has_image: bool, texts: list[str] | None) -> bool:
+    """Whether queries with (or without) an image and these texts can be answered in ``mode``."""
+    if mode == "image":
+        return has_image
+    if mode == "text":
+        return bool(texts) and all((t or "").strip() for t in texts)
+    return True
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -89,8 +103,19 @@ class Backbone(abc.ABC):
         """The model's own fusion of reference images and modification texts."""
 
     def embed_queries(self, batch: Any | None, texts: list[str] | None) -> torch.Tensor:
-        """Query side, honouring ``spec.mode``; a missing image or text falls back to the other."""
+        """Query side, honouring ``spec.mode``; a missing image or text falls back to the other.
+
+        Except in the single-input baselines: ``image`` mode without a reference image, or
+        ``text`` mode without a text, is an error rather than the other input in disguise (a
+        text-only query answered in ``image`` mode would score the text baseline under the
+        image baseline's name). :func:`needs` says which queries a mode can answer.
+        """
         mode = self.spec.mode
+        if not query_fits(mode, batch is not None, texts):
+            from cirkit.errors import CirkitError
+
+            raise CirkitError(f"query mode {mode!r} needs {needs(mode)}; this query has none "
+                              f"(use --mode composed or sum, or give {needs(mode)})")
         if batch is None or mode == "text":
             return self.embed_texts(list(texts or []))
         if not texts or mode == "image" or all(not (t or "").strip() for t in texts):

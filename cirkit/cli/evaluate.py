@@ -20,7 +20,7 @@ def evaluate(config: EvaluateConfig, json_out: bool) -> None:
 
     Examples
 
-      cirkit evaluate synth -d out/benchmark --backbone clip -m cirkit-tiny --pretrained tiny.safetensors \\
+      cirkit evaluate synth -d data/synth/benchmark --backbone clip -m ViT-B-32 --pretrained openai \\
           --mode image --mode text --mode sum -o metrics.json
 
       cirkit evaluate cirr -d data/cirr --images data/nlvr2 -m ViT-B-32 --pretrained openai

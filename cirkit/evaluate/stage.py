@@ -200,7 +200,8 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     want_depth = SUBMISSION_DEPTH if config.submission is not None else 0
     for mi, mode in enumerate(modes):
         backbone.spec = dataclasses.replace(base_spec, mode=mode)
-        qenc = encode_queries(backbone, qitems, config.batch_size, config.num_workers, config.strict,
+        usable = _answerable(mode, qitems, loaded, metrics)
+        qenc = encode_queries(backbone, usable, config.batch_size, config.num_workers, config.strict,
                               description=f"embedding queries ({mode})")
         if mi == 0:
             for key, reason in qenc.failed:
@@ -257,6 +258,29 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     result.counts["gallery_images"] = len(paths)
     result.counts["modes"] = len(modes)
     return out, rows
+
+
+def _answerable(mode: str, qitems: list, loaded: list, metrics: dict[str, Any]) -> list:
+    """The queries ``mode`` can answer; the others are left out of its scores, counted per split.
+
+    ``image`` needs a reference and ``text`` a text: answering a text-only query in ``image``
+    mode with its text (as the backbone's fallback did) flattered the image-only row. The
+    count is ``count/<split>/<mode>/left_out`` in metrics.json.
+    """
+    from cirkit.backbones.base import needs, query_fits
+
+    usable, left = [], {}
+    for item in qitems:
+        key, ref, text = item
+        if query_fits(mode, ref is not None, [text or ""]):
+            usable.append(item)
+        else:
+            split = loaded[int(key.split("\x1f", 1)[0])][0]
+            left[split] = left.get(split, 0) + 1
+    for split, n in left.items():
+        metrics[f"count/{split}/{mode}/left_out"] = n
+        log.warning("%s split, mode %s: %d queries without %s are left out of its scores", split, mode, n, needs(mode))
+    return usable
 
 
 def rank_task(task, gids: list[str], gvec, queries: list, qvec, depth: int, chunk_size: int = 256):

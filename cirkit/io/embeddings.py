@@ -34,6 +34,9 @@ log = logging.getLogger("cirkit")
 MANIFEST_KEY = b"cirkit"
 TABLE_ID_KEY = b"cirkit.table_id"  # on the id field: {"uuid": ...} written when an index table is created
 ROW_COLUMNS = ("id", "image", "vector")
+# The store's one column beyond the row schema: the image file's "<size>-<mtime_ns>" when it was
+# embedded, so a re-run re-embeds a file that changed (null: not known, rows of older stores).
+SIGNATURE = "file_sig"
 # What a Lance dataset folder holds; a folder of only these and no committed version is a
 # table cut off while being created.
 LANCE_PARTS = frozenset({"_versions", "_transactions", "data", "_indices", "_deletions", "_refs"})
@@ -62,6 +65,15 @@ def store_location(path: str | Path) -> tuple[str, str]:
     return str(p.parent if str(p.parent) else "."), p.stem
 
 
+def file_signature(path: str | Path) -> str | None:
+    """``"<size>-<mtime_ns>"`` of an image file (what make and rsync compare), None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 # -- the row schema ----------------------------------------------------------------------------
 
 
@@ -88,6 +100,13 @@ def rows_table(ids: Sequence[str], images: Sequence[str | None], vectors, schema
         **(columns or {}),
     }
     return pa.table([arrays[f.name] for f in schema], schema=schema)
+
+
+def store_schema(manifest: EmbeddingManifest):
+    """The embeddings store's rows: the row schema plus each image file's signature (:data:`SIGNATURE`)."""
+    import pyarrow as pa
+
+    return row_schema(manifest, [pa.field(SIGNATURE, pa.string())])
 
 
 def read_manifest_from_schema(schema, where: str, made_by: str = "embed") -> EmbeddingManifest:
@@ -210,9 +229,12 @@ def _column(table, name: str):
 class EmbeddingStore:
     """Append-only, resumable store of normalised vectors (see module docstring)."""
 
-    def __init__(self, path: str | Path, manifest: EmbeddingManifest, table, existing: set[str]):
+    def __init__(self, path: str | Path, manifest: EmbeddingManifest, table, existing: set[str],
+                 signatures: dict[str, str | None] | None = None, images: dict[str, str] | None = None):
         self.path, self.manifest, self._table, self.done = Path(path), manifest, table, existing
-        self._schema = row_schema(manifest)
+        self.signatures = signatures if signatures is not None else {}  # id -> file signature when embedded
+        self.images = images if images is not None else {}  # id -> image path stored
+        self._schema = store_schema(manifest)
 
     @classmethod
     def open_for_append(cls, path: str | Path, manifest: EmbeddingManifest) -> EmbeddingStore:
@@ -238,12 +260,61 @@ class EmbeddingStore:
                     f"{path}: holds vectors from {have.backbone} {have.checkpoint} (dim {have.dim}), "
                     f"not {manifest.backbone} {manifest.checkpoint} (dim {manifest.dim}); write to a new file"
                 )
-            return cls(path, have, table, set(_column(table, "id").to_pylist()))
-        table = create_table(root, name, row_schema(manifest))
+            if SIGNATURE not in table.schema.names:  # a store from before signatures: they start unknown
+                table.add_columns({SIGNATURE: "CAST(NULL AS string)"})
+            rows = table.search().select(["id", "image", SIGNATURE]).limit(None).to_arrow().to_pydict()
+            return cls(path, have, table, set(rows["id"]), dict(zip(rows["id"], rows[SIGNATURE], strict=True)),
+                       dict(zip(rows["id"], rows["image"], strict=True)))
+        table = create_table(root, name, store_schema(manifest))
         return cls(path, manifest, table, set())
 
+    def stale(self, items: Sequence[tuple[str, Path]]) -> list[str]:
+        """Ids of ``items`` stored from another file, or from a file that changed since it was embedded."""
+        out = []
+        for key, p in items:
+            if key not in self.done:
+                continue
+            sig = self.signatures.get(key)
+            if not self._same_image(self.images.get(key), p) or (sig is not None and sig != file_signature(p)):
+                out.append(key)
+        return out
+
+    def _same_image(self, stored: str | None, path: Path) -> bool:
+        if stored is None:
+            return False
+        if "://" in stored:
+            return stored == str(path)
+        where = Path(stored) if Path(stored).is_absolute() else self.path.parent / stored  # as the index reads it
+        return where.resolve() == Path(path).resolve()
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Delete these ids' rows (one commit per 1000 ids); returns how many were stored."""
+        gone = [k for k in dict.fromkeys(ids) if k in self.done]
+        for s in range(0, len(gone), 1000):
+            chunk = gone[s : s + 1000]
+            self._table.delete("id IN (" + ", ".join("'" + k.replace("'", "''") + "'" for k in chunk) + ")")
+            self.done.difference_update(chunk)
+            for k in chunk:
+                self.signatures.pop(k, None)
+                self.images.pop(k, None)
+        return len(gone)
+
+    def record_signatures(self, items: Sequence[tuple[str, Path]]) -> int:
+        """Fill in unknown signatures (rows of older stores) from the files as they are now."""
+        todo = [(k, file_signature(p)) for k, p in items if k in self.done and self.signatures.get(k) is None]
+        todo = [(k, s) for k, s in todo if s is not None]
+        if not todo:
+            return 0
+        import pyarrow as pa
+
+        src = pa.table({"id": pa.array([k for k, _ in todo], pa.string()),
+                        SIGNATURE: pa.array([s for _, s in todo], pa.string())})
+        self._table.merge_insert("id").when_matched_update_all().execute(src)
+        self.signatures.update(todo)
+        return len(todo)
+
     def append(self, ids: Sequence[str], images: Sequence[str], vectors) -> int:
-        """Add the rows whose ids are new; returns how many were added."""
+        """Add the rows whose ids are new (with their image files' signatures); returns how many were added."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.manifest.dim:
             raise CirkitError(f"{self.path}: vectors of shape {vectors.shape} do not match dim {self.manifest.dim}")
@@ -255,8 +326,14 @@ class EmbeddingStore:
                 keep.append(i)
         if not keep:
             return 0
-        self._table.add(rows_table([ids[i] for i in keep], [images[i] for i in keep], vectors[keep], self._schema))
+        import pyarrow as pa
+
+        sigs = [file_signature(images[i]) for i in keep]
+        self._table.add(rows_table([ids[i] for i in keep], [images[i] for i in keep], vectors[keep], self._schema,
+                                   {SIGNATURE: pa.array(sigs, pa.string())}))
         self.done.update(seen)
+        for i, sig in zip(keep, sigs, strict=True):
+            self.signatures[ids[i]], self.images[ids[i]] = sig, images[i]
         return len(keep)
 
 

@@ -32,7 +32,7 @@ from cirkit.backbones.mllm import (
     unwrap,
     vision_module_names,
 )
-from cirkit.checkpoint import ADAPTER_CONFIG, check_model_folder
+from cirkit.checkpoint import adapter_folder, check_model_folder
 from cirkit.errors import CheckpointError, CirkitError
 from cirkit.train.losses import info_nce, key_ids
 from cirkit.train.plugin import TrainConfig, TrainPlugin, Unreadable, readable
@@ -169,7 +169,7 @@ class MllmTrainPlugin(TrainPlugin):
             if cfg is None or cfg.get("backbone") != "mllm":
                 raise CheckpointError(f"--init {c.init}: not a cirkit mllm checkpoint (config.json with backbone 'mllm')")
             model, self.processor, cfg = load_checkpoint_model(
-                c.init, "adapter" if (Path(c.init) / ADAPTER_CONFIG).exists() and not c.full_finetune else "auto",
+                c.init, "adapter" if adapter_folder(c.init) is not None and not c.full_finetune else "auto",
                 c.trust_remote_code, trainable=True, allow_pickle=c.allow_pickle,
             )
             self.base_model = cfg["base_model"]
@@ -255,4 +255,5 @@ class MllmTrainPlugin(TrainPlugin):
             lora={"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules
                   or list(DEFAULT_LORA_TARGETS), "vision_trained": not c.freeze_vision},
             temperature=float(1.0 / scale.detach().exp()) if scale is not None else None,
+            processor=self.processor,
         )

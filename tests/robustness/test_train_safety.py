@@ -143,10 +143,19 @@ def test_output_folder_of_user_files_is_refused_before_training(data, tmp_path):
 
 
 def test_a_finished_run_is_not_overwritten_and_its_settings_are_compared(data, tmp_path):
+    # Issue 14: the same command again reports the finished run (exit 0) and rewrites nothing;
+    # other settings are refused, naming --init (before: both refused with "already holds a checkpoint").
     out = tmp_path / "run"
     ok(_args(data, out, 2))
-    line = _refused(_args(data, out, 2), tmp_path)
-    assert line == f"error: {out}: already holds a checkpoint (a finished run of 2 steps); choose another --output"
+    before = _snapshot(out)
+    again = ok(_args(data, out, 2))
+    assert again["details"]["already_complete"] is True and again["counts"]["steps"] == 2
+    assert _snapshot(out) == before
+    line = _refused(_args(data, out, 3), tmp_path)
+    assert line == (f"error: {out}: already holds a finished run of 2 steps with other settings (max_steps: 2 -> 3); "
+                    f"to train on from it, pass --init {out} with a new --output (or choose another --output to "
+                    "start over)")
+    assert _snapshot(out) == before
 
 
 def test_files_added_to_a_checkpoint_folder_survive_its_next_save(data, tmp_path):

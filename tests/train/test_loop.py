@@ -81,8 +81,11 @@ def test_resume_continues_to_the_same_result(synth_dir, tmp_path):
 
 def test_refuses_to_overwrite_and_to_resume_nothing(synth_dir, tmp_path):
     run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
-    with pytest.raises(CirkitError, match="already holds a checkpoint"):
-        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
+    weights = (tmp_path / "s1" / "model.safetensors").read_bytes()
+    again = run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))  # finished: reported, not redone
+    assert again.details["already_complete"] and (tmp_path / "s1" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(CirkitError, match="already holds a finished run of 1 step with other settings"):
+        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=3))
     with pytest.raises(CirkitError, match="nothing to resume"):
         run(tiny_config(synth_dir, tmp_path / "new", stage=1, resume=True))
     with pytest.raises(CirkitError, match="--resume needs the same settings"):

@@ -86,7 +86,10 @@ def test_stage1_then_stage2_adapters_save_reload_and_merge_identically(tiny_llav
     plugin2 = MllmTrainPlugin(_cfg(tiny_llava, mllm_data, s2, stage="2", init=str(s1), merge=True, target_image_loss=True))
     model2, _ = _train(plugin2)
     plugin2.save(model2, s2)
-    cfg = json.loads((s2 / "config.json").read_text())
+    # issue 14: a merged folder is a transformers model folder, so cirkit's config is cirkit.json
+    # (was config.json); config.json is the model's own (tests/train/test_model_folders.py loads it)
+    cfg = json.loads((s2 / "cirkit.json").read_text())
+    assert json.loads((s2 / "config.json").read_text())["model_type"] == "llava"
     assert cfg["backbone"] == "mllm" and cfg["base_model"] == str(tiny_llava.resolve())
     assert cfg["templates"] == DEFAULT_TEMPLATES and cfg["merged"] is True
     assert (s2 / "model.safetensors").exists()
@@ -172,7 +175,10 @@ def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny_llava, mllm_da
                          merge=True, **common))
     assert r2.counts["steps"] == 2
     files = {p.name for p in (tmp_path / "s2").iterdir()}
-    assert {"config.json", "train_args.json", "adapter_config.json", "adapter_model.safetensors",
-            "model.safetensors", "metrics.jsonl", "trainer_state"} <= files
+    # issue 14: a merged folder is a transformers model folder (config.json the model's, cirkit's in
+    # cirkit.json) and keeps its adapter in adapter/ (was: adapter files beside model.safetensors)
+    assert {"config.json", "cirkit.json", "train_args.json", "model.safetensors", "metrics.jsonl",
+            "trainer_state"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "s2" / "adapter").iterdir()}
     bb = load_backbone(BackboneSpec(model=str(tmp_path / "s2")))
     assert isinstance(bb, MllmBackbone) and bb.embed_texts(["a red circle"]).shape == (1, 32)
