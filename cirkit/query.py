@@ -256,7 +256,6 @@ def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: QueryRe
 def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: QueryResult) -> list[Result]:
     from cirkit.encode import encode_queries
     from cirkit.io.jsonl import JsonlAppender, read_records
-    from cirkit.io.lock import output_lock
     from cirkit.records import Query, resolve_path
     from cirkit.summary import make_progress
 

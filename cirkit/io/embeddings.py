@@ -69,7 +69,7 @@ def file_signature(path: str | Path) -> str | None:
     """``"<size>-<mtime_ns>"`` of an image file (what make and rsync compare), None if it cannot be read."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
     return f"{st.st_size}-{st.st_mtime_ns}"
 
