@@ -176,3 +176,27 @@ def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny_llava, mllm_da
             "model.safetensors", "metrics.jsonl", "trainer_state"} <= files
     bb = load_backbone(BackboneSpec(model=str(tmp_path / "s2")))
     assert isinstance(bb, MllmBackbone) and bb.embed_texts(["a red circle"]).shape == (1, 32)
+
+
+def test_train_vision_leaves_what_llava_15_never_reads_frozen(tmp_path, mllm_data):
+    """vision_feature_layer -2 (LLaVA-1.5): the tower's last block and post-layernorm get no gradient,
+    so --train-vision does not train them (DDP could not reduce them; see test_distributed.py)."""
+    from cirkit.testing import build_tiny_llava
+    from cirkit.train.mllm import unused_vision_parameters
+
+    model_dir = build_tiny_llava(tmp_path / "llava15", vision_feature_layer=-2, layers=3)
+    for full in (False, True):
+        plugin = MllmTrainPlugin(_cfg(model_dir, mllm_data, tmp_path / "o", freeze_vision=False, full_finetune=full))
+        model = plugin.build()
+        unused = unused_vision_parameters(model.model)
+        assert unused and all(".layers.2." in n or "post_layernorm" in n for n in unused)
+        assert any(".layers.2." in n for n in unused) and not any(".layers.1." in n for n in unused)
+        ds, collate = plugin.dataset()
+        batch = collate([ds[i] for i in range(len(ds))])
+        batch.pop("skipped"), batch.pop("examples")
+        loss, _ = plugin.loss(model, batch)
+        loss.backward()
+        # every trained parameter takes part in the loss: nothing DDP would wait for in vain
+        idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert idle == []
+        assert any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
