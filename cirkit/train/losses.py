@@ -19,6 +19,9 @@
   GPUs is four per GPU: without gathering each query would see 3 negatives, not 31. The
   ``same`` keys are gathered too, so a duplicate on another process is masked as well.
   Processes may hold different numbers of rows (unreadable images are dropped per batch).
+  (The MLLM paper's released code gathers without gradient and keeps only its own slice
+  differentiable, SimCSE-style; that drops the gradient of the other processes' losses with
+  respect to this process's rows, so it is not the one-process loss on the global batch.)
 
 Embeddings are compared in float32 after L2 normalisation.
 """

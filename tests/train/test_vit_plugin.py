@@ -271,3 +271,11 @@ def test_a_checkpoint_from_before_these_settings_loads_as_it_was_trained(tmp_pat
     b = load_backbone(BackboneSpec(model=str(tmp_path)))
     assert isinstance(b.model.combiner, GatedCombiner)
     assert all(xa.gate is not None for xa in b.model.xattn.values())
+
+
+def test_the_combiner_choices_are_the_models():
+    """train/config.py (torch-free, for --help) repeats vit.COMBINERS: they must not drift apart."""
+    from cirkit.backbones.vit import COMBINERS
+    from cirkit.train import config
+
+    assert config.COMBINERS == COMBINERS
