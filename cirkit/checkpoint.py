@@ -108,9 +108,11 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
                               "a list of block indexes or null"),
         "predictor_hidden": (False, _opt(_int), "an integer or null"),
         "temperature": (False, *_NUM),
-        "gate_init": (False, *_NUM),
+        "gate_init": (False, _opt(_num), "a number or null"),
         "null_text": (False, *_STR),
         "combiner_trained": (False, *_BOOL),
+        "combiner": (False, lambda v: v in ("weight", "gate"), "'weight' or 'gate'"),
+        "quick_gelu": (False, *_BOOL),
         "weights": (False, _file_name, "a file name inside the checkpoint folder"),
         "weights_id": (False, *_STR),
         "has_ema": (False, *_BOOL),
@@ -125,6 +127,8 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
         "merged": (False, *_BOOL),
         "lora": (False, _opt(lambda v: isinstance(v, dict)), "a mapping or null"),
         "temperature": (False, _opt(_num), "a number or null"),
+        "min_pixels": (False, *_INT),
+        "max_pixels": (False, *_INT),
     },
 }
 

@@ -197,6 +197,44 @@ def load_base(model_id: str, trust_remote_code: bool = False, dtype: torch.dtype
     return model, processor
 
 
+def default_pixels() -> tuple[int, int]:
+    """The ``min_pixels``/``max_pixels`` defaults, declared once as training settings."""
+    import dataclasses
+
+    from cirkit.train.config import TrainConfig
+
+    f = {x.name: x for x in dataclasses.fields(TrainConfig)}
+    return int(f["min_pixels"].default), int(f["max_pixels"].default)
+
+
+def cap_image_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None) -> bool:
+    """Bound a dynamic-resolution image processor (Qwen2-VL family) to ``min..max_pixels``.
+
+    Such a processor keeps each image near its own size, so a 4000x3000 photo becomes 1,230
+    visual tokens at the processor's default and up to 16k at the hub configs' limits; the
+    bound makes sequence length (memory, speed) independent of the photos. Returns whether
+    the processor is of that kind; fixed-size families (LLaVA's CLIP processor) are untouched.
+    """
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    keys = size.keys() if isinstance(size, dict) else vars(size) if size is not None else {}
+    if ip is None or not hasattr(ip, "merge_size") or "longest_edge" not in keys:
+        return False
+    lo = min_pixels if min_pixels is not None else _size_get(size, "shortest_edge")
+    hi = max_pixels if max_pixels is not None else _size_get(size, "longest_edge")
+    if lo > hi:
+        raise CirkitError(f"min_pixels {lo} is larger than max_pixels {hi}")
+    ip.size = {"shortest_edge": int(lo), "longest_edge": int(hi)}
+    for name in ("min_pixels", "max_pixels"):  # older processors also keep these attributes
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, int(lo if name == "min_pixels" else hi))
+    return True
+
+
+def _size_get(size: Any, key: str) -> int:
+    return int(size[key] if isinstance(size, dict) else getattr(size, key))
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     """Refuse a model folder transformers would load from pickle (decided by content), unless allowed."""
     from cirkit.checkpoint import check_model_folder
@@ -206,7 +244,8 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
 
 def save_checkpoint(model: torch.nn.Module, folder: str | Path, *, base_model: str | None, templates: dict[str, str],
                     max_length: int, merge: bool, stage: str, lora: dict[str, Any],
-                    temperature: float | None, processor: Any = None) -> None:
+                    temperature: float | None, processor: Any = None,
+                    pixels: tuple[int, int] | None = None) -> None:
     """Write an mllm checkpoint's model files and cirkit's config into ``folder``.
 
     A peft model writes its adapter (and, with ``merge``, merged complete weights too); a
@@ -245,6 +284,7 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path, *, base_model: s
         lora=lora if is_peft else None,
         stage=stage,
         temperature=temperature,
+        **({"min_pixels": int(pixels[0]), "max_pixels": int(pixels[1])} if pixels else {}),
     )
 
 
@@ -287,10 +327,15 @@ def load_checkpoint_model(
     full = has_full and (prefer in ("auto", "merged")) and not (prefer == "auto" and trainable and has_adapter)
     if full and (folder / SETTINGS).is_file():  # a transformers model folder of its own: no base model needed
         model, processor = load_base(str(folder), trust_remote_code, dtype)
+        if "max_pixels" in cfg:
+            cap_image_pixels(processor, cfg.get("min_pixels"), cfg["max_pixels"])
         return model, processor, cfg
     if Path(cfg["base_model"]).is_dir():
         _check_weights(Path(cfg["base_model"]), allow_pickle)
     model, processor = load_base(cfg["base_model"], trust_remote_code, dtype)
+    # The image size the checkpoint was trained at; an older checkpoint recorded none (processor default).
+    if "max_pixels" in cfg:
+        cap_image_pixels(processor, cfg.get("min_pixels"), cfg["max_pixels"])
     if full:
         from safetensors.torch import load_model
 
@@ -370,6 +415,7 @@ def load_mllm_backbone(spec: BackboneSpec, prefer: str = "auto") -> MllmBackbone
     if Path(spec.model).is_dir():
         _check_weights(Path(spec.model), spec.allow_pickle)
     model, processor = load_base(spec.model, spec.trust_remote_code)
+    cap_image_pixels(processor, *default_pixels())
     return MllmBackbone(spec, model, processor)
 
 

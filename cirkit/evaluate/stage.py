@@ -10,6 +10,9 @@ pure functions in :mod:`cirkit.metrics` score the rankings.
     "<mode>/<split>/<metric>": float           split-level numbers (e.g. "composed/val/R@1")
     "<mode>/<split>/<task>/<metric>": float    per task, when a split has several
                                                (FashionIQ categories, GeneCIS tasks)
+    "<any of those keys>/ci95": [lo, hi]       95 % bootstrap interval (``--bootstrap N``
+                                               resamples of the queries, seeded)
+    "bootstrap/samples", "bootstrap/seed"
     "primary_metric": "<mode>/<split>/<metric>"
     "protocol/<switch>": value                 what changes the numbers (exclusions, joins, ties)
     "benchmark", "splits", "modes", "backbone", "checkpoint", "dim", "model", "pretrained",
@@ -78,6 +81,9 @@ class EvaluateConfig:
     allow_pickle: bool = allow_pickle_setting()
     wait: bool = wait_setting()
     chunk_size: int = setting(256, ge=1, cli=False, help="Queries ranked per matrix product.")
+    bootstrap: int = setting(1000, ge=0, help="Resamples of the queries for a 95% confidence interval of every "
+                                               "metric (metrics.json '<key>/ci95', the table); 0 = none.")
+    bootstrap_seed: int = setting(0, ge=0, help="Seed of the bootstrap resampling (same seed, same intervals).")
 
     def __post_init__(self):
         if isinstance(self.mode, str):
@@ -207,7 +213,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             for key, reason in qenc.failed:
                 result.skip(key.split("\x1f", 1)[1], f"reference image: {reason}")
         qrow = qenc.row_of()
-        per_split: dict[str, dict[str, dict[str, float]]] = {}
+        per_split: dict[str, dict[str, dict[str, list[float]]]] = {}  # split -> task -> metric -> per query
         for n, (split, task) in enumerate(loaded):
             gids = [g for g, p in task.gallery.items() if str(p) in row_of]
             gvec = gal.vectors[[row_of[str(task.gallery[g])] for g in gids]] if gids else torch.empty(0, backbone.dim)
@@ -215,7 +221,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             qvec = qenc.vectors[[qrow[qkey[(n, q.id)]] for q in qs]] if qs else torch.empty(0, backbone.dim)
             ranked = rank_task(task, gids, gvec, qs, qvec, max(task.depth(), want_depth), config.chunk_size)
             if task.has_ground_truth:
-                per_split.setdefault(split, {})[task.name] = score_task(task, qs, ranked)
+                per_split.setdefault(split, {})[task.name] = query_scores(task, qs, ranked)
             if config.submission is not None:
                 folder = Path(config.submission) / (mode if len(modes) > 1 else "")
                 folder.mkdir(parents=True, exist_ok=True)
@@ -223,15 +229,8 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             if mi == 0:
                 metrics[f"count/{split}/queries"] = metrics.get(f"count/{split}/queries", 0) + len(qs)
                 metrics[f"count/{split}/gallery"] = metrics.get(f"count/{split}/gallery", 0) + len(gids)
-        for split, per_task in per_split.items():
-            summary = bench.aggregate(split, per_task)
-            for name, value in summary.items():
-                metrics[f"{mode}/{split}/{name}"] = round(float(value), 4)
-            if len(per_task) > 1:
-                for tname, tm in per_task.items():
-                    for name, value in tm.items():
-                        metrics[f"{mode}/{split}/{tname}/{name}"] = round(float(value), 4)
-            rows.append({"mode": mode, "split": split, "metrics": summary, "tasks": per_task if len(per_task) > 1 else {}})
+        for split, scores in per_split.items():
+            rows.append(_score_split(bench, mode, split, scores, config, metrics))
     backbone.spec = base_spec
 
     scored = [s for s in splits if any(r["split"] == s for r in rows)]
@@ -253,6 +252,8 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     out["data"] = str(Path(config.data).resolve())
     out["images"] = str(Path(config.images).resolve()) if config.images is not None else None
     out.update({k: v for k, v in metrics.items() if k.startswith("count/")})
+    if config.bootstrap:
+        out["bootstrap/samples"], out["bootstrap/seed"] = int(config.bootstrap), int(config.bootstrap_seed)
     out["cirkit"] = __version__
     result.counts["queries"] = sum(len(t.queries) for _, t in loaded)
     result.counts["gallery_images"] = len(paths)
@@ -337,28 +338,62 @@ def _scores(rows, q):
     return (rows * q).sum(dim=1)
 
 
-def score_task(task, queries: list, ranked) -> dict[str, float]:
-    """The task's metrics over its queries that have targets and were ranked."""
+def _score_split(bench, mode: str, split: str, scores: dict[str, dict[str, list[float]]], config: EvaluateConfig,
+                 metrics: dict[str, Any]) -> dict[str, Any]:
+    """One mode's split: per-task means, the benchmark's summary and their bootstrap intervals
+    into ``metrics``; returns the table row."""
+    from cirkit import metrics as M
+
+    per_task = {t: {m: M.mean(v) for m, v in ms.items()} for t, ms in scores.items()}
+    summary = bench.aggregate(split, per_task)
+    ci, task_ci = M.bootstrap_ci(scores, lambda rep: bench.aggregate(split, rep), config.bootstrap,
+                                 config.bootstrap_seed) if config.bootstrap else ({}, {})
+    prefix = f"{mode}/{split}"
+    for name, value in summary.items():
+        metrics[f"{prefix}/{name}"] = round(float(value), 4)
+        if name in ci:
+            metrics[f"{prefix}/{name}/ci95"] = [round(x, 4) for x in ci[name]]
+    if len(per_task) > 1:
+        for tname, tm in per_task.items():
+            for name, value in tm.items():
+                metrics[f"{prefix}/{tname}/{name}"] = round(float(value), 4)
+                if name in task_ci.get(tname, {}):
+                    metrics[f"{prefix}/{tname}/{name}/ci95"] = [round(x, 4) for x in task_ci[tname][name]]
+    many = len(per_task) > 1
+    return {"mode": mode, "split": split, "metrics": summary, "tasks": per_task if many else {},
+            "ci": ci, "task_ci": task_ci if many else {}}
+
+
+def query_scores(task, queries: list, ranked) -> dict[str, list[float]]:
+    """Each of the task's metrics as one score per query (its mean is the metric), over the
+    queries that have targets and were ranked (:mod:`cirkit.metrics`' ``*_scores``)."""
     from cirkit import metrics as M
 
     qs = [q for q in queries if q.targets and q.id in ranked.ids]
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     if not qs:
         return out
     lists = [ranked.ids[q.id] for q in qs]
     if task.candidate_ks:
         ranks = [ranked.target_ranks[q.id] for q in qs]
         for k in task.candidate_ks:
-            out[f"R@{k}"] = M.recall_from_ranks(ranks, k)
+            out[f"R@{k}"] = M.rank_scores(ranks, k)
         return out
     first = [q.targets[:1] if task.recall_first_target_only else q.targets for q in qs]
     for k in task.recall_ks:
-        out[f"R@{k}"] = M.recall_at_k(lists, first, k)
+        out[f"R@{k}"] = M.recall_scores(lists, first, k)
     for k in task.map_ks:
-        out[f"mAP@{k}"] = M.map_at_k(lists, [q.targets for q in qs], k)
+        out[f"mAP@{k}"] = M.ap_scores(lists, [q.targets for q in qs], k)
     if task.subset_ks:
         sub = [ranked.subset.get(q.id, []) for q in qs]
         excl = [[q.reference_id] if task.exclude_reference and q.reference_id else [] for q in qs]
         for k in task.subset_ks:
-            out[f"Rs@{k}"] = M.recall_subset_at_k(sub, [q.targets for q in qs], [q.subset or [] for q in qs], k, excl)
+            out[f"Rs@{k}"] = M.recall_subset_scores(sub, [q.targets for q in qs], [q.subset or [] for q in qs], k, excl)
     return out
+
+
+def score_task(task, queries: list, ranked) -> dict[str, float]:
+    """The task's metrics over its queries that have targets and were ranked."""
+    from cirkit import metrics as M
+
+    return {name: M.mean(v) for name, v in query_scores(task, queries, ranked).items()}
