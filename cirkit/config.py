@@ -179,6 +179,12 @@ def num_workers_setting(default: int | None = None, show_default: str | None = N
     return setting(default, ge=0, help="Image decoding processes.", show_default=show_default)
 
 
+def gpu_decode_setting() -> Any:
+    return setting("auto", choices=("auto", "on", "off"),
+                   help="Decode JPEGs in batches on the GPU (torchvision.io.decode_jpeg); auto: when the model runs on "
+                        "CUDA and its preprocessing can run there.")
+
+
 def batch_size_setting(default: int, what: str, **kw: Any) -> Any:
     return setting(default, ge=1, help=f"{what} per batch.", **kw)
 

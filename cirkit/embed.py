@@ -5,18 +5,35 @@ embedded under ``torch.inference_mode`` and appended batch by batch to
 :class:`cirkit.io.embeddings.EmbeddingStore`, so a killed run keeps every finished batch
 and a re-run embeds only the ids not stored yet. Unreadable images are skipped and
 counted (``strict`` makes the first one fatal).
+
+Inputs: a folder of images, a gallery.jsonl, or a Hugging Face dataset (:mod:`cirkit.io.datasets`;
+``streaming`` for collections that do not fit on disk). Output: a local ``NAME.lance`` or a
+LanceDB URI on object storage (``s3://bucket/NAME.lance``, ``storage_options``).
+
+The same command runs under ``accelerate launch --num_processes N [--num_machines M ...]``:
+each process embeds its share of the ids (:func:`cirkit.device.my_share`; a dataset is split by
+``datasets.distributed.split_dataset_by_node``), writes its rows as Lance fragments and
+journals them, and the main process commits every fragment in one Lance commit at the end
+(:class:`cirkit.io.embeddings.FragmentWriter`, :func:`~cirkit.io.embeddings.commit_fragments`).
+A kill of any process loses at most ``fragment_rows`` rows per process; the next run (any
+number of processes) first commits what the journals hold, then continues every shard.
+One process (the default) appends through LanceDB directly, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cirkit.config import (
     allow_pickle_setting,
     batch_size_setting,
     check_settings,
     device_setting,
+    gpu_decode_setting,
     num_workers_setting,
     precision_setting,
     setting,
@@ -25,6 +42,16 @@ from cirkit.config import (
     wait_setting,
 )
 from cirkit.errors import CirkitError
+from cirkit.io.datasets import (
+    DatasetOptions,
+    dataset_split_setting,
+    id_column_setting,
+    image_column_setting,
+    input_format_setting,
+    is_dataset,
+    streaming_setting,
+)
+from cirkit.io.storage import storage_options_setting
 from cirkit.summary import StageResult, timed
 
 
@@ -32,9 +59,11 @@ from cirkit.summary import StageResult, timed
 class EmbedConfig:
     """Settings of ``cirkit embed`` (recipe section ``embed``)."""
 
-    input: Path | None = setting(None, positional=True, metavar="IMAGES",
-                                 help="A folder of images or a gallery.jsonl.")
-    output: Path | None = setting(None, short="-o", help="Embeddings store to write or extend (NAME.lance).")
+    input: str | None = setting(None, positional=True, metavar="IMAGES",
+                                help="A folder of images, a gallery.jsonl, or a dataset (parquet, webdataset .tar, "
+                                     "save_to_disk folder, hub id).")
+    output: str | None = setting(None, short="-o", help="Embeddings store to write or extend: NAME.lance, "
+                                                        "or a URI such as s3://bucket/NAME.lance.")
     backbone: str | None = setting(None, help="clip, vit, mllm or fake (a checkpoint folder names its own).")
     model: str | None = setting(None, short="-m", help="Checkpoint folder, open_clip name or hub id.")
     pretrained: str | None = setting(None, help="open_clip weights tag or file (clip).")
@@ -46,8 +75,20 @@ class EmbedConfig:
     allow_pickle: bool = allow_pickle_setting()
     trust_remote_code: bool = trust_remote_code_setting()
     wait: bool = wait_setting()
+    gpu_decode: str = gpu_decode_setting()
+    fragment_rows: int = setting(8192, ge=1, help="Under accelerate launch: rows per Lance fragment each process "
+                                                  "writes and journals (a killed process loses at most this many).")
+    storage_options: str | None = storage_options_setting()
+    image_column: str | None = image_column_setting()
+    id_column: str | None = id_column_setting()
+    dataset_split: str | None = dataset_split_setting()
+    streaming: bool = streaming_setting()
+    input_format: str = input_format_setting()
 
     def __post_init__(self) -> None:
+        for name in ("input", "output"):  # Paths from Python callers and recipes alike
+            if isinstance(getattr(self, name), Path):
+                setattr(self, name, str(getattr(self, name)))
         check_settings(self)
 
 
@@ -64,7 +105,27 @@ def gallery_items(source: str | Path) -> list[tuple[str, Path]]:
         return [(r.id, resolve_path(r.image, base).resolve()) for r in read_records(source, GalleryItem)]
     if not source.exists():
         raise CirkitError(f"{source}: no such folder or file")
-    raise CirkitError(f"{source}: expected a folder of images or a gallery.jsonl")
+    raise CirkitError(f"{source}: expected a folder of images, a gallery.jsonl or a dataset")
+
+
+def _check(config: EmbedConfig) -> dict[str, str] | None:
+    """Refuse settings that cannot work before any work starts; returns the storage options."""
+    from cirkit.io.embeddings import store_location
+    from cirkit.io.storage import is_local, local_path, parse_storage_options
+
+    if config.input is None:
+        raise CirkitError("nothing to embed: pass IMAGES_DIR, gallery.jsonl or a dataset")
+    if config.output is None:
+        raise CirkitError("no output: pass -o gallery.lance")
+    if config.batch_size < 1:
+        raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise CirkitError(f"--num-workers must be at least 0, got {config.num_workers}")
+    options = parse_storage_options(config.storage_options)
+    store_location(config.output)
+    if is_local(config.output) and Path(config.input).resolve() == local_path(config.output).resolve():
+        raise CirkitError(f"{config.output}: is also the input; write the embeddings to another path (-o)")
+    return options
 
 
 def run(config: EmbedConfig, backbone=None) -> StageResult:
@@ -73,32 +134,78 @@ def run(config: EmbedConfig, backbone=None) -> StageResult:
     The store is written under its single-writer lock for the whole run: a second ``embed``
     on the same store fails at once naming this one (or waits, with ``wait``).
     """
-    from cirkit.io.embeddings import store_location
-    from cirkit.io.lock import output_lock
+    from cirkit.device import process_info
 
-    if config.input is None:
-        raise CirkitError("nothing to embed: pass IMAGES_DIR or gallery.jsonl")
-    if config.output is None:
-        raise CirkitError("no output: pass -o gallery.lance")
-    if config.batch_size < 1:
-        raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise CirkitError(f"--num-workers must be at least 0, got {config.num_workers}")
-    store_location(config.output)
-    if Path(config.input).resolve() == Path(config.output).resolve():
-        raise CirkitError(f"{config.output}: is also the input; write the embeddings to another path (-o)")
+    storage = _check(config)
+    proc = process_info()
     result = StageResult("embed")
     with timed(result):
-        items = gallery_items(config.input)
-        with output_lock(config.output, wait=config.wait, what="embeddings store"):
-            _embed(config, items, backbone, result)
+        source = _source(config, proc)
+        with _locked(config, proc):
+            _embed(config, source, backbone, storage, proc, result)
     embedded = result.counts["embedded"]
     if embedded and result.seconds:
         result.metrics["images_per_s"] = round(embedded / result.seconds, 2)
     return result
 
 
-def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result: StageResult) -> None:
+@contextlib.contextmanager
+def _locked(config: EmbedConfig, proc: Any) -> Iterator[None]:
+    """The store's single-writer lock, held by the main process (the one that creates and commits)."""
+    from cirkit.io.lock import output_lock
+    from cirkit.io.storage import lock_path
+
+    with contextlib.ExitStack() as stack:
+        if proc.is_main:
+            stack.enter_context(output_lock(lock_path(config.output), wait=config.wait, what="embeddings store"))
+        yield
+
+
+def _source(config: EmbedConfig, proc: Any) -> list[tuple[str, Any]] | DatasetOptions:
+    """This process's ``(id, image)`` items, or the dataset options of a stream (opened once the done ids are known)."""
+    from cirkit.device import my_share
+
+    options = DatasetOptions.of(config)
+    if is_dataset(config.input, options):
+        if options.streaming:
+            return options
+        from cirkit.io.datasets import image_items
+
+        return image_items(config.input, options, proc.rank, proc.world)
+    return my_share(gallery_items(config.input), proc)
+
+
+def _open_store(config: EmbedConfig, manifest, storage, proc: Any):
+    """The store, created by the main process, with every journaled fragment committed before anyone reads it."""
+    from cirkit.io.embeddings import EmbeddingStore
+
+    store = EmbeddingStore.open_for_append(config.output, manifest, storage) if proc.is_main else None
+    proc.wait()
+    if store is None:
+        store = EmbeddingStore.open_for_append(config.output, manifest, storage, create=False)
+    if _commit_journals(store, proc):
+        store = EmbeddingStore.open_for_append(config.output, manifest, storage, create=False)
+    return store
+
+
+def _commit_journals(store, proc: Any) -> int:
+    """Commit the fragments every machine's journal holds (main process), then clear the journals; returns rows.
+
+    The first process of each machine reads its machine's journal folder; the entries travel to
+    the main process over the process group, so machines need not share a file system.
+    """
+    from cirkit.io.embeddings import clear_journal, commit_fragments, journal_entries
+
+    mine = journal_entries(store.path) if proc.is_local_main else []
+    every = proc.gather(mine)
+    rows = commit_fragments(store, [e for share in every for _, e in share]) if proc.is_main else 0
+    rows = proc.broadcast(rows)
+    proc.wait()  # committed before any journal goes
+    clear_journal([f for f, _ in mine])
+    return rows
+
+
+def _embed(config: EmbedConfig, source, backbone, storage, proc: Any, result: StageResult) -> None:
     """Append the embeddings of the items not stored yet (under the store's lock)."""
     import dataclasses
 
@@ -107,32 +214,56 @@ def _embed(config: EmbedConfig, items: list[tuple[str, Path]], backbone, result:
     from cirkit.backbones import load_backbone
     from cirkit.backbones.base import BackboneSpec
     from cirkit.encode import decoded_batches, default_workers
-    from cirkit.io.embeddings import EmbeddingStore
+    from cirkit.io.datasets import ImageStream
+    from cirkit.io.embeddings import FragmentWriter
     from cirkit.summary import Rate, make_progress
 
     if backbone is None:
         backbone = load_backbone(BackboneSpec(
             backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode="composed",
-            device=config.device, precision=config.precision, trust_remote_code=config.trust_remote_code,
-            allow_pickle=config.allow_pickle,
+            device=config.device or proc.device, precision=config.precision,
+            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
         ))
     # the gallery side of the model: image embeddings, whatever the query mode
     manifest = dataclasses.replace(backbone.manifest(), normalized=True, mode="image", count=None)
-    store = EmbeddingStore.open_for_append(config.output, manifest)
-    todo = [(k, p) for k, p in items if k not in store.done]
-    result.counts = {"images": len(items), "embedded": 0, "already_stored": len(items) - len(todo), "failed": 0}
-    path_of = dict(todo)
+    store = _open_store(config, manifest, storage, proc)
+    if isinstance(source, DatasetOptions):
+        todo: Any = ImageStream(str(config.input), source, proc.rank, proc.world, frozenset(store.done))
+        total, stored = None, 0
+        name = lambda key: f"{config.input}#{key}"  # noqa: E731 (how the store names a streamed row's image)
+    else:
+        todo = [(k, p) for k, p in source if k not in store.done]
+        total, stored = len(source), len(source) - len(todo)
+        name = dict((k, str(p)) for k, p in todo).__getitem__  # a file path, or <dataset>#<id>
+    writer = store if proc.world == 1 else FragmentWriter(store, proc.rank, config.fragment_rows)
     workers = default_workers() if config.num_workers is None else config.num_workers
+    embedded, failed, seen = 0, [], 0
     rate = Rate("img")
     with make_progress() as progress, torch.inference_mode():
-        task = progress.add_task("embedding", total=len(todo), rate="")
-        failed: list[tuple[str, str]] = []
+        label = "embedding" + (f" [{proc.rank}/{proc.world}]" if proc.world > 1 else "")
+        task = progress.add_task(label, total=len(todo) if total is not None else None, rate="")
         for ids, batch in decoded_batches(backbone, todo, config.batch_size, workers, config.strict, failed,
-                                          progress, task, rate):
+                                          progress, task, rate, gpu_decode=config.gpu_decode):
             vecs = backbone.embed_images(batch).float().cpu().numpy()
-            result.counts["embedded"] += store.append(ids, [str(path_of[k]) for k in ids], vecs)
+            embedded += writer.append(ids, [name(k) for k in ids], vecs)
+            seen += len(ids)
+    if proc.world > 1:
+        writer.close()
+        proc.wait()  # every fragment is journaled before the journals are read
+        _commit_journals(store, proc)
+    counts = {"images": total if total is not None else seen + len(failed), "embedded": embedded,
+              "already_stored": stored, "failed": len(failed)}
+    result.counts = _summed(counts, proc)
     for key, reason in failed:
-        result.skip(str(path_of[key]), reason)
-    result.counts["failed"] = len(failed)
+        result.skip(key, reason)
     result.outputs = {"embeddings": str(config.output)}
-    result.details = {"manifest": store.manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers}
+    result.details = {"manifest": store.manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers,
+                      "processes": proc.world}
+
+
+def _summed(counts: dict[str, int], proc: Any) -> dict[str, int]:
+    """The counts of every process added up (each process counted its own share)."""
+    if proc.world <= 1:
+        return counts
+    every = proc.gather(counts)
+    return {k: sum(c[k] for c in every) for k in counts}

@@ -32,6 +32,7 @@ from cirkit.config import (
     batch_size_setting,
     check_settings,
     device_setting,
+    gpu_decode_setting,
     num_workers_setting,
     precision_setting,
     setting,
@@ -75,6 +76,7 @@ class EvaluateConfig:
         help="Remove each query's reference from its ranking.")
     allow_pickle: bool = allow_pickle_setting()
     chunk_size: int = setting(256, ge=1, cli=False, help="Queries ranked per matrix product.")
+    gpu_decode: str = gpu_decode_setting()
 
     def __post_init__(self):
         if isinstance(self.mode, str):
@@ -94,9 +96,17 @@ class EvaluateConfig:
 
 
 def run(config: EvaluateConfig, backbone=None) -> StageResult:
-    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object."""
+    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object.
+
+    Under ``accelerate launch`` every process embeds its share of the gallery and of the queries
+    (:func:`cirkit.encode.encode_images` with the process info) and receives all vectors; the
+    ranking and the metrics are then those of one process, and only the main process writes
+    ``metrics.json`` and the submission files.
+    """
+    from cirkit.device import process_info
     from cirkit.evaluate import load_benchmark
 
+    proc = process_info()
     result = StageResult("evaluate")
     with timed(result):
         bench = load_benchmark(
@@ -112,10 +122,12 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
                 f"{bench.name} split {', '.join(splits)} has no ground truth; pass --submission DIR to write "
                 "the rankings / test-server files"
             )
-        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone)
+        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone, proc)
         result.metrics = metrics
         result.details["rows"] = rows
-        if config.output is not None:
+        if proc.world > 1:
+            result.details["processes"] = proc.world
+        if config.output is not None and proc.is_main:
             from cirkit.io import atomic_write_json
 
             atomic_write_json(config.output, metrics)
@@ -125,7 +137,7 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
     return result
 
 
-def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone):
+def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone, proc=None):
     import torch
 
     from cirkit import __version__
@@ -137,7 +149,8 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     if backbone is None:
         backbone = load_backbone(BackboneSpec(
             backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=modes[0],
-            device=config.device, precision=config.precision, allow_pickle=config.allow_pickle,
+            device=config.device or (proc.device if proc is not None else None), precision=config.precision,
+            allow_pickle=config.allow_pickle,
         ))
     base_spec = backbone.spec
 
@@ -147,7 +160,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
         for p in task.gallery.values():
             paths.setdefault(str(p), p)
     gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
-                        description="embedding gallery")
+                        description="embedding gallery", proc=proc, gpu_decode=config.gpu_decode)
     for key, reason in gal.failed:
         result.skip(key, reason)
     row_of = gal.row_of()
@@ -157,7 +170,8 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
         for q in task.queries:
             key = f"{n}\x1f{q.id}"
             qkey[(n, q.id)] = key
-            qitems.append((key, Path(q.reference) if q.reference is not None else None, q.text))
+            ref = q.reference
+            qitems.append((key, Path(ref) if isinstance(ref, str) else ref, q.text))  # a path, or a dataset row's image
 
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -165,7 +179,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     for mi, mode in enumerate(modes):
         backbone.spec = dataclasses.replace(base_spec, mode=mode)
         qenc = encode_queries(backbone, qitems, config.batch_size, config.num_workers, config.strict,
-                              description=f"embedding queries ({mode})")
+                              description=f"embedding queries ({mode})", proc=proc, gpu_decode=config.gpu_decode)
         if mi == 0:
             for key, reason in qenc.failed:
                 result.skip(key.split("\x1f", 1)[1], f"reference image: {reason}")
@@ -179,7 +193,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             ranked = rank_task(task, gids, gvec, qs, qvec, max(task.depth(), want_depth), config.chunk_size)
             if task.has_ground_truth:
                 per_split.setdefault(split, {})[task.name] = score_task(task, qs, ranked)
-            if config.submission is not None:
+            if config.submission is not None and (proc is None or proc.is_main):
                 folder = Path(config.submission) / (mode if len(modes) > 1 else "")
                 folder.mkdir(parents=True, exist_ok=True)
                 bench.write_submission(split, task, ranked, folder)
