@@ -445,6 +445,8 @@ def _scalar(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `stage: 1`, `seed`-like names; a range/choice check follows
+        if isinstance(value, Path):
+            return str(value)  # a location setting that is a path or a URI (embed -o, index EMBEDDINGS)
     elif tp is Path:
         if isinstance(value, (str, Path)):
             return Path(value)

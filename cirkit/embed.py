@@ -59,7 +59,7 @@ from cirkit.summary import StageResult, timed
 class EmbedConfig:
     """Settings of ``cirkit embed`` (recipe section ``embed``)."""
 
-    input: str | None = setting(None, positional=True, metavar="IMAGES",
+    input: Path | None = setting(None, positional=True, metavar="IMAGES",
                                 help="A folder of images, a gallery.jsonl, or a dataset (parquet, webdataset .tar, "
                                      "save_to_disk folder, hub id).")
     output: str | None = setting(None, short="-o", help="Embeddings store to write or extend: NAME.lance, "
@@ -86,9 +86,8 @@ class EmbedConfig:
     input_format: str = input_format_setting()
 
     def __post_init__(self) -> None:
-        for name in ("input", "output"):  # Paths from Python callers and recipes alike
-            if isinstance(getattr(self, name), Path):
-                setattr(self, name, str(getattr(self, name)))
+        if isinstance(self.output, Path):  # a path from Python callers; a URI stays text
+            self.output = str(self.output)
         check_settings(self)
 
 
@@ -254,8 +253,9 @@ def _embed(config: EmbedConfig, source, backbone, storage, proc: Any, result: St
     counts = {"images": total if total is not None else seen + len(failed), "embedded": embedded,
               "already_stored": stored, "failed": len(failed)}
     result.counts = _summed(counts, proc)
-    for key, reason in failed:
-        result.skip(key, reason)
+    for share in proc.gather([(name(key), reason) for key, reason in failed]):
+        for item, reason in share:  # every process's, so the main summary lists them all
+            result.skip(item, reason)
     result.outputs = {"embeddings": str(config.output)}
     result.details = {"manifest": store.manifest.to_dict(), "batch_size": config.batch_size, "num_workers": workers,
                       "processes": proc.world}

@@ -53,6 +53,11 @@ ID_COLUMNS = ("id", "__key__", "key", "image_id")
 LOCAL_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".txt", ".lance", ".yaml", ".yml", ".png", ".jpg", ".jpeg",
                             ".webp", ".bmp", ".gif", ".tif", ".tiff", *FILE_BUILDERS})
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HF_URI = re.compile(r"^hf:/+datasets/")  # hf://datasets/..., also as a Path prints it (hf:/datasets/...)
+
+
+def _text(source: str | Path) -> str:
+    return HF_URI.sub("hf://datasets/", str(source))
 
 
 # -- settings (declared once; each stage's config uses them) -----------------------------------
@@ -121,7 +126,7 @@ def is_dataset(source: str | Path | None, options: DatasetOptions | None = None)
         return False
     if options is not None and options.format != "auto":
         return True
-    text = str(source)
+    text = _text(source)
     if text.startswith("hf://"):
         return True
     p = Path(text)
@@ -183,7 +188,7 @@ def load(source: str | Path, options: DatasetOptions | None = None):
     options = options or DatasetOptions()
     datasets.disable_progress_bars()  # cirkit shows its own progress; datasets' bars would interleave
     datasets.logging.set_verbosity_error()
-    where, text, fmt = str(source), str(source), options.format
+    where, text, fmt = _text(source), _text(source), options.format
     p = Path(text)
     try:
         if fmt in ("auto", "disk") and p.is_dir() and _saved(p):
@@ -587,3 +592,49 @@ def _extension(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return ".webp"
     return ".img"
+
+
+def as_image(value: Any) -> Any:
+    """A record's image field ready for :func:`cirkit.io.open_image`: a path string as a Path, a dataset image as is."""
+    return Path(value) if isinstance(value, str) else value
+
+
+def records(source: str | Path, options: DatasetOptions, cls: type, image_fields: tuple[str, ...],
+            text_field: str, text_names: tuple[str, ...]) -> list[Any]:
+    """A dataset's rows as ``cls`` records (captions or triplets), validated like JSONL lines.
+
+    Columns take the record's field names (``id``, ``reference``, ``instruction``, ...), with
+    ``--id-column``/``--text-column``/``--image-column`` (the single image of a caption) naming
+    others; a webdataset sample's ``.json`` member supplies fields too. Image fields become file
+    paths (which must exist) or :class:`DatasetImage` references to the row's image bytes.
+    """
+    from cirkit.errors import RecordError
+
+    rows = open_rows(source, options, image=False)
+    cols = list(columns(rows.ds))
+    where = str(source)
+    text_col = pick_column(dict.fromkeys(cols), options.text_column, (text_field, *text_names), text_field,
+                           "--text-column", where)
+    image_cols = {}
+    for f in image_fields:
+        given = options.image_column if len(image_fields) == 1 else None
+        image_cols[f] = pick_column(columns(rows.ds), given, (f, *IMAGE_COLUMNS) if len(image_fields) == 1 else (f,),
+                                    f"{f} images", "--image-column", where, image=len(image_fields) == 1)
+    fields = {f for f in cls.__dataclass_fields__ if f != "extra"}
+    out, cells = [], {}
+    for n, row in enumerate(raw_rows(rows)):
+        obj = dict(row["json"]) if isinstance(row.get("json"), dict) else {}
+        obj.update({k: v for k, v in row.items() if k in fields and v is not None and k not in image_fields})
+        key = str(row[rows.id]) if rows.id else str(obj.get("id", n))
+        obj["id"] = key
+        obj[text_field] = row.get(text_col)
+        for f in image_fields:
+            obj[f] = rows.label(key)  # a placeholder string while the record is checked
+        rec = cls.from_dict(obj, where, n + 1)
+        for f, col in image_cols.items():
+            image = image_cell(row, col, rows, key, cells, n)
+            if isinstance(image, str) and not Path(image).exists():
+                raise RecordError(where, n + 1, f"image {image} does not exist", col)
+            setattr(rec, f, image)
+        out.append(rec)
+    return out

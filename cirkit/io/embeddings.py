@@ -265,7 +265,7 @@ class EmbeddingStore:
     @classmethod
     def _open_remote(cls, path, root: str, name: str, manifest, storage_options, create: bool) -> EmbeddingStore:
         db = connect(root, storage_options)
-        if name in _table_names(db):
+        if name in table_names(db):
             return cls._existing(path, _open(root, name, str(path), storage_options), manifest, storage_options)
         if not create:
             raise CirkitError(f"{path}: no such embeddings store (make one with 'cirkit embed')")
@@ -308,7 +308,7 @@ class EmbeddingStore:
         return rows.num_rows
 
 
-def _table_names(db) -> list[str]:
+def table_names(db) -> list[str]:
     listed = db.list_tables()
     return list(getattr(listed, "tables", listed))
 
@@ -456,7 +456,7 @@ def read_embeddings(path: str | Path, storage_options: dict[str, str] | None = N
     """
     root, name = store_location(path)
     if not is_local(path):
-        if name not in _table_names(connect(root, storage_options)):
+        if name not in table_names(connect(root, storage_options)):
             raise CirkitError(f"{path}: no such embeddings store (make one with 'cirkit embed')")
         table = _open(root, name, str(path), storage_options)
         return _read_table(table, path)
