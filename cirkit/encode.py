@@ -45,14 +45,13 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
-    """A streamed dataset's images; each DataLoader worker reads its own split of the stream."""
+    """A streamed dataset's images; in DataLoader workers ``datasets`` gives each worker its own shards."""
 
     def __init__(self, stream: Any, transform: Callable[[Any], Any], min_side: int | None = None):
         self.stream, self.transform, self.min_side = stream, transform, min_side
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        for key, image in self.stream.iterate(info.id, info.num_workers) if info else self.stream.iterate():
+        for key, image in self.stream.iterate():
             try:
                 yield key, self.transform(open_image(image, min_side=self.min_side)), None
             except ImageError as e:

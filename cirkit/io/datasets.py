@@ -489,9 +489,10 @@ class _Missing:
 class ImageStream:
     """A streamed dataset's ``(id, image)`` for one process, read as it comes.
 
-    Split between processes (``rank`` of ``world``) and again between DataLoader workers
-    (:meth:`iterate`), both by :func:`datasets.distributed.split_dataset_by_node`; ids in
-    ``skip`` (already stored) are passed over before their image is decoded.
+    Split between processes (``rank`` of ``world``) by :func:`datasets.distributed.split_dataset_by_node`;
+    inside a DataLoader worker, ``datasets`` itself gives each worker its own shards (so a
+    single-file stream keeps one worker busy: write several shards for more). Ids in ``skip``
+    (already stored) are passed over before their image is decoded.
     """
 
     source: str
@@ -500,10 +501,10 @@ class ImageStream:
     world: int = 1
     skip: frozenset[str] | set[str] = frozenset()
 
-    def iterate(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[str, Any]]:
+    def iterate(self) -> Iterator[tuple[str, Any]]:
         rows = open_rows(self.source, self.options)
         ds = _raw_images(rows.ds, rows.image).select_columns(list(dict.fromkeys([rows.id, rows.image])))
-        for row in for_process(for_process(ds, self.rank, self.world), worker, workers):
+        for row in for_process(ds, self.rank, self.world):
             key = str(row[rows.id])
             if key in self.skip:
                 continue
