@@ -14,6 +14,7 @@ vectors, in input order, as one process would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -97,13 +98,21 @@ def iter_image_batches(
     )
     # DataLoader workers fork while `embed` holds a Lance store open. They only decode images and
     # never touch LanceDB, and they are forked between appends (nothing mid-operation), so
-    # lancedb's generic "fork support is experimental" warning (raised in each forked child)
-    # does not apply. The filter is set only around the fork (workers start in ``iter``) and
+    # lancedb's generic "fork support is experimental" warning and pylance's "lance is not
+    # fork-safe" (raised in each forked child) do not apply. The filter is set only around the fork (workers start in ``iter``) and
     # the children inherit it; the process's own warning filters are left as they were.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+    with _quiet_fork():
         batches = iter(loader)
     yield from batches
+
+
+@contextlib.contextmanager
+def _quiet_fork():
+    """Warning filters for forking DataLoader workers while a Lance store is open (see iter_image_batches)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+        yield
 
 
 @dataclass
@@ -158,8 +167,7 @@ def _device_batches(backbone, items, plan, batch_size: int, workers: int):
         collate_fn=gpu_decode.collate, prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available())
     device = getattr(backbone, "device", torch.device("cpu"))
-    with warnings.catch_warnings():  # see iter_image_batches
-        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+    with _quiet_fork():  # see iter_image_batches
         batches = iter(loader)
     for ids, payloads, bad in batches:
         batch, kept, failed = gpu_decode.decode_batch(payloads, plan, device, ids) if ids else (None, [], [])
