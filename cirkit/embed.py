@@ -17,7 +17,8 @@ journals them, and the main process commits every fragment in one Lance commit a
 (:class:`cirkit.io.embeddings.FragmentWriter`, :func:`~cirkit.io.embeddings.commit_fragments`).
 A kill of any process loses at most ``fragment_rows`` rows per process; the next run (any
 number of processes) first commits what the journals hold, then continues every shard.
-One process (the default) appends through LanceDB directly, as before.
+One process (the default) appends through LanceDB directly, one commit per batch, as before;
+with ``fragment_rows`` set it writes fragments too (far fewer table versions on a long run).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from cirkit.io.datasets import (
 from cirkit.io.storage import storage_options_setting
 from cirkit.summary import StageResult, timed
 
+FRAGMENT_ROWS = 8192  # rows per fragment under accelerate launch: ~16-32 MB of vectors, a few seconds of work
+
 
 @dataclass
 class EmbedConfig:
@@ -76,8 +79,10 @@ class EmbedConfig:
     trust_remote_code: bool = trust_remote_code_setting()
     wait: bool = wait_setting()
     gpu_decode: str = gpu_decode_setting()
-    fragment_rows: int = setting(8192, ge=1, help="Under accelerate launch: rows per Lance fragment each process "
-                                                  "writes and journals (a killed process loses at most this many).")
+    fragment_rows: int | None = setting(
+        None, ge=1, show_default="8192 under accelerate launch; one process commits every batch",
+        help="Rows per Lance fragment a process writes and journals, committed once at the end (a killed process "
+             "loses at most this many). Set it for a large one-process run: far fewer table versions.")
     storage_options: str | None = storage_options_setting()
     image_column: str | None = image_column_setting()
     id_column: str | None = id_column_setting()
@@ -234,7 +239,8 @@ def _embed(config: EmbedConfig, source, backbone, storage, proc: Any, result: St
         todo = [(k, p) for k, p in source if k not in store.done]
         total, stored = len(source), len(source) - len(todo)
         name = dict((k, str(p)) for k, p in todo).__getitem__  # a file path, or <dataset>#<id>
-    writer = store if proc.world == 1 else FragmentWriter(store, proc.rank, config.fragment_rows)
+    fragments = proc.world > 1 or config.fragment_rows is not None
+    writer = FragmentWriter(store, proc.rank, config.fragment_rows or FRAGMENT_ROWS) if fragments else store
     workers = default_workers() if config.num_workers is None else config.num_workers
     embedded, failed, seen = 0, [], 0
     rate = Rate("img")
@@ -246,7 +252,7 @@ def _embed(config: EmbedConfig, source, backbone, storage, proc: Any, result: St
             vecs = backbone.embed_images(batch).float().cpu().numpy()
             embedded += writer.append(ids, [name(k) for k in ids], vecs)
             seen += len(ids)
-    if proc.world > 1:
+    if fragments:
         writer.close()
         proc.wait()  # every fragment is journaled before the journals are read
         _commit_journals(store, proc)

@@ -232,7 +232,12 @@ class EmbeddingStore:
                  storage_options: dict[str, str] | None = None):
         self.path, self.manifest, self._table, self.done = path, manifest, table, existing
         self.storage_options = storage_options
-        self._schema = row_schema(manifest)
+        self._schema = table.schema  # the table's own (with its identity), so fragments match it exactly
+
+    @property
+    def identity(self) -> str:
+        """What tells this store from one deleted and made again at the same path (journals name it)."""
+        return table_id_of(self._table.schema) or "unrecorded"
 
     @property
     def uri(self) -> str:
@@ -259,7 +264,7 @@ class EmbeddingStore:
             return cls._existing(path, _open(root, name, str(path)), manifest, None)
         if not create:
             raise CirkitError(f"{path}: no such embeddings store (make one with 'cirkit embed')")
-        table = create_table(root, name, row_schema(manifest))
+        table = create_table(root, name, _new_schema(manifest))
         return cls(path, manifest, table, set())
 
     @classmethod
@@ -269,7 +274,7 @@ class EmbeddingStore:
             return cls._existing(path, _open(root, name, str(path), storage_options), manifest, storage_options)
         if not create:
             raise CirkitError(f"{path}: no such embeddings store (make one with 'cirkit embed')")
-        table = create_table(root, name, row_schema(manifest), storage_options=storage_options)
+        table = create_table(root, name, _new_schema(manifest), storage_options=storage_options)
         return cls(path, manifest, table, set(), storage_options)
 
     @classmethod
@@ -306,6 +311,12 @@ class EmbeddingStore:
             return 0
         self._table.add(rows)
         return rows.num_rows
+
+
+def _new_schema(manifest: EmbeddingManifest):
+    import uuid
+
+    return row_schema(manifest, table_id=uuid.uuid4().hex)
 
 
 def table_names(db) -> list[str]:
@@ -376,7 +387,8 @@ class FragmentWriter:
         data = pa.concat_tables(self._pending)
         frags = write_fragments(data, self.store.uri, schema=self.store._schema, mode="append",
                                 max_rows_per_file=max(len(data), 1), storage_options=self.store.storage_options)
-        lines = "".join(json.dumps({"fragment": f.to_json(), "rows": f.physical_rows}) + "\n" for f in frags)
+        lines = "".join(json.dumps({"fragment": f.to_json(), "rows": f.physical_rows, "table": self.store.identity})
+                        + "\n" for f in frags)
         with open(self.journal, "a", encoding="utf-8") as fh:
             fh.write(lines)
             fh.flush()
@@ -424,7 +436,9 @@ def commit_fragments(store: EmbeddingStore, entries: Sequence[dict[str, Any]]) -
     """Commit the journaled fragments not yet in the table, in one ``LanceOperation.Append``; returns their rows.
 
     A fragment whose data file the table already references was committed by an earlier run
-    that died before clearing its journal: it is left out, so no row is ever added twice.
+    that died before clearing its journal: it is left out, so no row is ever added twice. A
+    fragment journaled for another table (the store was deleted and made again at this path)
+    is left out too: its data files went with the old table.
     """
     import lance
     from lance.fragment import FragmentMetadata
@@ -434,7 +448,12 @@ def commit_fragments(store: EmbeddingStore, entries: Sequence[dict[str, Any]]) -
     ds = lance.dataset(store.uri, storage_options=store.storage_options)
     committed = {df.path for frag in ds.get_fragments() for df in frag.metadata.files}
     new, seen = [], set()
+    other = [e for e in entries if e.get("table", store.identity) != store.identity]
+    if other:
+        log.warning("%s: leaving out %d fragments journaled for an earlier table at this path", store.path, len(other))
     for e in entries:
+        if e.get("table", store.identity) != store.identity:
+            continue
         files = [f["path"] for f in e["fragment"].get("files", [])]
         if not files or any(f in committed or f in seen for f in files):
             continue
