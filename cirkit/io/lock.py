@@ -6,7 +6,7 @@ beside the output, ``.<name>.lock``, locked with ``flock`` through :mod:`fileloc
 drops the lock when its process dies, so a stale lock of a killed run is simply free again.
 The holder writes who it is (pid, host, start time, command) into the lock file, so a second
 writer fails at once with one line naming the holder, or waits for it with ``wait=True``.
-The lock file stays after release (unlinking a lock file races with a waiter that opened it).
+The holder removes the lock file before it lets go, so a finished run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     try:
         yield path
     finally:
+        # Unlinked while still held, so an output leaves no lock file behind: a waiter that opened
+        # this inode sees it unlinked once it gets the lock and opens the path again (filelock checks
+        # st_nlink after flock), so two holders can never lock two different files.
+        with contextlib.suppress(OSError):
+            path.unlink()
         lock.release()
 
 
