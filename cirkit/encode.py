@@ -139,12 +139,12 @@ def decoded_batches(backbone, items, batch_size, num_workers, strict, failed: li
     """``(ids, batch)`` of decodable images, advancing ``progress``; failures go to ``failed`` (or raise if strict).
 
     ``gpu_decode`` (auto, on, off): JPEGs decoded in batches on the backbone's device
-    (:mod:`cirkit.io.gpu_decode`; lists of items only, a stream decodes on the CPU).
+    (:mod:`cirkit.io.gpu_decode`).
     """
     from cirkit.io.gpu_decode import wanted
 
     workers = default_workers() if num_workers is None else num_workers
-    plan = wanted(gpu_decode, backbone) if isinstance(items, (list, tuple)) else None
+    plan = wanted(gpu_decode, backbone)
     batches = (_device_batches(backbone, items, plan, batch_size, workers) if plan is not None else
                iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers,
                                   backbone.decode_size))
@@ -162,8 +162,10 @@ def _device_batches(backbone, items, plan, batch_size: int, workers: int):
     """``(ids, batch, failures)`` with JPEGs decoded on the backbone's device (see :mod:`cirkit.io.gpu_decode`)."""
     from cirkit.io import gpu_decode
 
+    raw = (gpu_decode.RawStream(items, backbone.image_transform()) if hasattr(items, "iterate") else
+           gpu_decode.RawImages(items, backbone.image_transform()))
     loader = torch.utils.data.DataLoader(
-        gpu_decode.RawImages(items, backbone.image_transform()), batch_size=batch_size, num_workers=workers,
+        raw, batch_size=batch_size, num_workers=workers,
         collate_fn=gpu_decode.collate, prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available())
     device = getattr(backbone, "device", torch.device("cpu"))

@@ -112,6 +112,20 @@ class RawImages(torch.utils.data.Dataset):
             return key, None, None, e.reason
 
 
+class RawStream(torch.utils.data.IterableDataset):
+    """:class:`RawImages` for an :class:`~cirkit.io.datasets.ImageStream` (``datasets`` splits it between workers)."""
+
+    def __init__(self, stream: Any, transform: Callable[[Any], Any]):
+        self.stream, self.transform = stream, transform
+
+    def __iter__(self):
+        for key, image in self.stream.iterate():
+            try:
+                yield (key, *_payload(image, self.transform), None)
+            except ImageError as e:
+                yield key, None, None, e.reason
+
+
 def _payload(image: Any, transform: Callable[[Any], Any]) -> tuple[str, Any]:
     """``("jpeg", uint8 byte tensor)`` for a JPEG that passes the limits, else ``("cpu", transformed image)``."""
     from PIL import Image

@@ -71,3 +71,19 @@ def test_batched_decode_gives_the_pil_vectors_and_the_same_failures(clip_tiny, p
     for k in on:
         cos = float((torch.tensor(on[k]) * torch.tensor(off[k])).sum())
         assert cos > (0.9999 if k == "flat" else 0.99), (k, cos)  # the PNG went the CPU way: identical
+
+
+def test_a_streamed_dataset_takes_the_batched_decode_path_too(clip_tiny, dataset_files, tmp_path):
+    from cirkit.embed import EmbedConfig, run
+    from cirkit.io.embeddings import read_embeddings
+
+    src = dataset_files["captions"]["tar"]
+    got = {}
+    for mode in ("on", "off"):
+        run(EmbedConfig(input=src, output=tmp_path / f"{mode}.lance", streaming=True, num_workers=0, batch_size=5,
+                        gpu_decode=mode), backbone=clip_tiny)
+        _, ids, _, vecs = read_embeddings(tmp_path / f"{mode}.lance")
+        got[mode] = dict(zip(ids, vecs, strict=True))
+    assert sorted(got["on"]) == sorted(got["off"]) and len(got["on"]) == 24
+    # PNGs (the synth images) go the CPU way in both: identical vectors
+    assert all(float(abs(got["on"][k] - got["off"][k]).max()) < 1e-6 for k in got["on"])
