@@ -141,37 +141,15 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     import torch
 
     from cirkit import __version__
-    from cirkit.backbones import load_backbone
-    from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import encode_images, encode_queries
+    from cirkit.encode import encode_queries
 
     modes = config.modes
-    if backbone is None:
-        backbone = load_backbone(BackboneSpec(
-            backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=modes[0],
-            device=config.device or (proc.device if proc is not None else None), precision=config.precision,
-            allow_pickle=config.allow_pickle,
-        ))
+    backbone = backbone if backbone is not None else _load_backbone(config, modes[0], proc)
     base_spec = backbone.spec
 
-    # Every gallery image once, whatever the number of tasks and modes.
-    paths: dict[str, Path] = {}
-    for _, task in loaded:
-        for p in task.gallery.values():
-            paths.setdefault(str(p), p)
-    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
-                        description="embedding gallery", proc=proc, gpu_decode=config.gpu_decode)
-    for key, reason in gal.failed:
-        result.skip(key, reason)
+    gal, paths = _encode_gallery(loaded, backbone, config, result, proc)
     row_of = gal.row_of()
-
-    qitems, qkey = [], {}
-    for n, (_split, task) in enumerate(loaded):
-        for q in task.queries:
-            key = f"{n}\x1f{q.id}"
-            qkey[(n, q.id)] = key
-            ref = q.reference
-            qitems.append((key, Path(ref) if isinstance(ref, str) else ref, q.text))  # a path, or a dataset row's image
+    qitems, qkey = _query_items(loaded)
 
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -235,6 +213,45 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     result.counts["gallery_images"] = len(paths)
     result.counts["modes"] = len(modes)
     return out, rows
+
+
+def _load_backbone(config: EvaluateConfig, mode: str, proc):
+    """The backbone the config names, on this process's device under accelerate launch."""
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+
+    return load_backbone(BackboneSpec(
+        backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=mode,
+        device=config.device or (proc.device if proc is not None else None), precision=config.precision,
+        allow_pickle=config.allow_pickle,
+    ))
+
+
+def _encode_gallery(loaded, backbone, config: EvaluateConfig, result: StageResult, proc):
+    """Every gallery image embedded once, whatever the number of tasks and modes (a share per process)."""
+    from cirkit.encode import encode_images
+
+    paths: dict[str, Any] = {}
+    for _, task in loaded:
+        for p in task.gallery.values():
+            paths.setdefault(str(p), p)  # a path, or a dataset row's image (named <dataset>#<id>)
+    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
+                        description="embedding gallery", proc=proc, gpu_decode=config.gpu_decode)
+    for key, reason in gal.failed:
+        result.skip(key, reason)
+    return gal, paths
+
+
+def _query_items(loaded) -> tuple[list[tuple[str, Any, str | None]], dict[tuple[int, str], str]]:
+    """``(key, reference image, text)`` of every task's queries, keyed by task so ids may repeat across tasks."""
+    qitems, qkey = [], {}
+    for n, (_split, task) in enumerate(loaded):
+        for q in task.queries:
+            key = f"{n}\x1f{q.id}"
+            qkey[(n, q.id)] = key
+            ref = q.reference
+            qitems.append((key, Path(ref) if isinstance(ref, str) else ref, q.text))  # a path, or a dataset image
+    return qitems, qkey
 
 
 def rank_task(task, gids: list[str], gvec, queries: list, qvec, depth: int, chunk_size: int = 256):
