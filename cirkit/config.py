@@ -200,6 +200,12 @@ def num_workers_setting(default: int | None = None, show_default: str | None = N
     return setting(default, ge=0, cap=MAX_WORKERS, help="Image decoding processes.", show_default=show_default)
 
 
+def gpu_decode_setting() -> Any:
+    return setting("auto", choices=("auto", "on", "off"),
+                   help="Decode JPEGs in batches on the GPU (torchvision.io.decode_jpeg); auto: when the model runs on "
+                        "CUDA and its preprocessing can run there.")
+
+
 def batch_size_setting(default: int, what: str, **kw: Any) -> Any:
     return setting(default, ge=1, cap=MAX_BATCH, help=f"{what} per batch.", **kw)
 
@@ -521,6 +527,8 @@ def _scalar(value: Any, tp: Any, where: str) -> Any:
             return _no_nul(value, where)
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `stage: 1`, `seed`-like names; a range/choice check follows
+        if isinstance(value, Path):
+            return str(value)  # a location setting that is a path or a URI (embed -o, index EMBEDDINGS)
     elif tp is Path:
         if isinstance(value, (str, Path)):
             return Path(_no_nul(str(value), where))

@@ -468,7 +468,15 @@ _LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
 
 
 def emit(result: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
-    """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table)."""
+    """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table).
+
+    Under ``accelerate launch``/``torchrun`` only the main process prints: every process returns
+    a result, the main one's holds the counts of all.
+    """
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         data = finite(result.to_dict())
         try:

@@ -36,6 +36,7 @@ from cirkit.config import (
     batch_size_setting,
     check_settings,
     device_setting,
+    gpu_decode_setting,
     num_workers_setting,
     precision_setting,
     setting,
@@ -84,6 +85,7 @@ class EvaluateConfig:
     bootstrap: int = setting(1000, ge=0, help="Resamples of the queries for a 95% confidence interval of every "
                                                "metric (metrics.json '<key>/ci95', the table); 0 = none.")
     bootstrap_seed: int = setting(0, ge=0, help="Seed of the bootstrap resampling (same seed, same intervals).")
+    gpu_decode: str = gpu_decode_setting()
 
     def __post_init__(self):
         if isinstance(self.mode, str):
@@ -135,10 +137,18 @@ def _locks(config: EvaluateConfig) -> contextlib.ExitStack:
 
 
 def run(config: EvaluateConfig, backbone=None) -> StageResult:
-    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object."""
+    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object.
+
+    Under ``accelerate launch`` every process embeds its share of the gallery and of the queries
+    (:func:`cirkit.encode.encode_images` with the process info) and receives all vectors; the
+    ranking and the metrics are then those of one process, and only the main process writes
+    ``metrics.json`` and the submission files.
+    """
+    from cirkit.device import process_info
     from cirkit.evaluate import load_benchmark
 
     _check_outputs(config)
+    proc = process_info()
     result = StageResult("evaluate")
     with timed(result), _locks(config):
         bench = load_benchmark(
@@ -154,10 +164,12 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
                 f"{bench.name} split {', '.join(splits)} has no ground truth; pass --submission DIR to write "
                 "the rankings / test-server files"
             )
-        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone)
+        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone, proc)
         result.metrics = metrics
         result.details["rows"] = rows
-        if config.output is not None:
+        if proc.world > 1:
+            result.details["processes"] = proc.world
+        if config.output is not None and proc.is_main:
             from cirkit.io import atomic_write_json
 
             atomic_write_json(config.output, metrics, kind="metrics file", owned=is_metrics)
@@ -167,39 +179,19 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
     return result
 
 
-def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone):
+def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone, proc=None):
     import torch
 
     from cirkit import __version__
-    from cirkit.backbones import load_backbone
-    from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import encode_images, encode_queries
+    from cirkit.encode import encode_queries
 
     modes = config.modes
-    if backbone is None:
-        backbone = load_backbone(BackboneSpec(
-            backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=modes[0],
-            device=config.device, precision=config.precision, allow_pickle=config.allow_pickle,
-        ))
+    backbone = backbone if backbone is not None else _load_backbone(config, modes[0], proc)
     base_spec = backbone.spec
 
-    # Every gallery image once, whatever the number of tasks and modes.
-    paths: dict[str, Path] = {}
-    for _, task in loaded:
-        for p in task.gallery.values():
-            paths.setdefault(str(p), p)
-    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
-                        description="embedding gallery")
-    for key, reason in gal.failed:
-        result.skip(key, reason)
+    gal, paths = _encode_gallery(loaded, backbone, config, result, proc)
     row_of = gal.row_of()
-
-    qitems, qkey = [], {}
-    for n, (_split, task) in enumerate(loaded):
-        for q in task.queries:
-            key = f"{n}\x1f{q.id}"
-            qkey[(n, q.id)] = key
-            qitems.append((key, Path(q.reference) if q.reference is not None else None, q.text))
+    qitems, qkey = _query_items(loaded)
 
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -208,7 +200,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
         backbone.spec = dataclasses.replace(base_spec, mode=mode)
         usable = _answerable(mode, qitems, loaded, metrics)
         qenc = encode_queries(backbone, usable, config.batch_size, config.num_workers, config.strict,
-                              description=f"embedding queries ({mode})")
+                              description=f"embedding queries ({mode})", proc=proc, gpu_decode=config.gpu_decode)
         if mi == 0:
             for key, reason in qenc.failed:
                 result.skip(key.split("\x1f", 1)[1], f"reference image: {reason}")
@@ -222,7 +214,7 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             ranked = rank_task(task, gids, gvec, qs, qvec, max(task.depth(), want_depth), config.chunk_size)
             if task.has_ground_truth:
                 per_split.setdefault(split, {})[task.name] = query_scores(task, qs, ranked)
-            if config.submission is not None:
+            if config.submission is not None and (proc is None or proc.is_main):
                 folder = Path(config.submission) / (mode if len(modes) > 1 else "")
                 folder.mkdir(parents=True, exist_ok=True)
                 bench.write_submission(split, task, ranked, folder)
@@ -282,6 +274,45 @@ def _answerable(mode: str, qitems: list, loaded: list, metrics: dict[str, Any]) 
         metrics[f"count/{split}/{mode}/left_out"] = n
         log.warning("%s split, mode %s: %d queries without %s are left out of its scores", split, mode, n, needs(mode))
     return usable
+
+
+def _load_backbone(config: EvaluateConfig, mode: str, proc):
+    """The backbone the config names, on this process's device under accelerate launch."""
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+
+    return load_backbone(BackboneSpec(
+        backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=mode,
+        device=config.device or (proc.device if proc is not None else None), precision=config.precision,
+        allow_pickle=config.allow_pickle,
+    ))
+
+
+def _encode_gallery(loaded, backbone, config: EvaluateConfig, result: StageResult, proc):
+    """Every gallery image embedded once, whatever the number of tasks and modes (a share per process)."""
+    from cirkit.encode import encode_images
+
+    paths: dict[str, Any] = {}
+    for _, task in loaded:
+        for p in task.gallery.values():
+            paths.setdefault(str(p), p)  # a path, or a dataset row's image (named <dataset>#<id>)
+    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
+                        description="embedding gallery", proc=proc, gpu_decode=config.gpu_decode)
+    for key, reason in gal.failed:
+        result.skip(key, reason)
+    return gal, paths
+
+
+def _query_items(loaded) -> tuple[list[tuple[str, Any, str | None]], dict[tuple[int, str], str]]:
+    """``(key, reference image, text)`` of every task's queries, keyed by task so ids may repeat across tasks."""
+    qitems, qkey = [], {}
+    for n, (_split, task) in enumerate(loaded):
+        for q in task.queries:
+            key = f"{n}\x1f{q.id}"
+            qkey[(n, q.id)] = key
+            ref = q.reference
+            qitems.append((key, Path(ref) if isinstance(ref, str) else ref, q.text))  # a path, or a dataset image
+    return qitems, qkey
 
 
 def rank_task(task, gids: list[str], gvec, queries: list, qvec, depth: int, chunk_size: int = 256):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cirkit import config as _config
 from cirkit.config import MAX_BATCH, MAX_WORKERS, check_settings, setting, strict_setting, wait_setting
+from cirkit.io import datasets as datasets_input
 
 VIT = "ViT backbone"
 MLLM = "MLLM backbone"
@@ -119,6 +120,13 @@ class TrainConfig:
     allow_pickle: bool = setting(False, help="Allow loading pickle weights you trust.")
     strict: bool = strict_setting()
     wait: bool = wait_setting()
+    # DATA as a Hugging Face dataset (cirkit.io.datasets): which columns and split
+    image_column: str | None = datasets_input.image_column_setting("stage-1 images")
+    id_column: str | None = datasets_input.id_column_setting()
+    text_column: str | None = datasets_input.text_column_setting("caption (stage 1) or instruction (stage 2)",
+                                                                 "caption / instruction, else text or txt")
+    dataset_split: str | None = datasets_input.dataset_split_setting()
+    input_format: str = datasets_input.input_format_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -267,14 +267,16 @@ class MllmTrainPlugin(TrainPlugin):
 
     # -- data ----------------------------------------------------------------------------
     def dataset(self):
+        from cirkit.io.datasets import as_image
+
         c = self.config
         rows: list[tuple] = []
         if self.stage == "1":
             data, records = self.training_records("image")
-            rows = [(Path(r.image), r.caption) for r in records if r.caption.strip()]
+            rows = [(as_image(r.image), r.caption) for r in records if r.caption.strip()]
         else:
             data, records = self.training_records("reference", *(["target"] if c.target_image_loss else []))
-            rows = [(Path(r.reference), r.instruction, r.target_caption, Path(r.target) if c.target_image_loss else None)
+            rows = [(as_image(r.reference), r.instruction, r.target_caption, as_image(r.target) if c.target_image_loss else None)
                     for r in records if (r.target_caption or "").strip()]
             if not rows:
                 raise CirkitError(f"{data}: no triplet has a target_caption; stage 2 contrasts queries with target captions")

@@ -175,12 +175,14 @@ class VitTrainPlugin(TrainPlugin):
 
     # -- data -----------------------------------------------------------------------------
     def dataset(self):
+        from cirkit.io.datasets import as_image
+
         if self.stage == "1":
             path, records = self.training_records("image")
-            rows = [([Path(r.image)], r.caption) for r in records]
+            rows = [([as_image(r.image)], r.caption) for r in records]
         else:
             path, records = self.training_records("reference", "target")
-            rows = [([Path(r.reference), Path(r.target)], r.instruction) for r in records]
+            rows = [([as_image(r.reference), as_image(r.target)], r.instruction) for r in records]
         if len(rows) < 2:
             raise CirkitError(f"{path}: in-batch contrastive training needs at least 2 examples, found {len(rows)}")
         return _Examples(rows, self.preprocess), _Collate(self.tokenizer)
