@@ -67,6 +67,7 @@ class Setting:
     show_default: str | None = None
     cap: int | None = None
     stdio: str | None = None
+    location: bool = False  # a text setting naming a path or a URI (so '-' is checked like a path's)
 
 
 STDIO = "-"  # the path that means standard input (an input setting) or standard output (an output setting)
@@ -78,7 +79,7 @@ def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: floa
             choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
             aliases: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None,
             panel: str | None = None, cli: bool = True, show_default: str | None = None,
-            cap: int | None = None, stdio: str | None = None) -> Any:
+            cap: int | None = None, stdio: str | None = None, location: bool = False) -> Any:
     """A config field with its help, range and CLI spelling (a ``dataclasses.field``).
 
     ``resume``: the setting changes the trained result, so ``--resume`` needs the same value.
@@ -95,7 +96,8 @@ def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: floa
     meta = {META: Setting(help=help, resume=resume, ge=ge, gt=gt, le=le, lt=lt,
                           choices=tuple(choices) if choices is not None else None, flag=flag, short=short,
                           aliases=tuple(aliases), positional=positional, metavar=metavar, panel=panel, cli=cli,
-                          show_default=show_default, cap=cap, stdio=stdio)}
+                          show_default=show_default, cap=cap, stdio=stdio,
+                          location=location)}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -278,7 +280,7 @@ def check_settings(config: Any) -> None:
         bad = problem(f, value, flag_name(f))
         if bad:
             raise CirkitError(bad)
-        if isinstance(value, Path) and str(value) == STDIO and not spec(f).stdio:
+        if (isinstance(value, Path) or spec(f).location) and str(value) == STDIO and not spec(f).stdio:
             raise CirkitError(f"{flag_name(f)} -: this setting names a file or folder, not a stream; give a path "
                               "('-' works for per-record JSONL outputs and inputs, see --help)")
 

@@ -66,7 +66,7 @@ class EmbedConfig:
     input: Path | None = setting(None, positional=True, metavar="IMAGES", stdio="in",
                                 help="A folder of images, a gallery.jsonl, or a dataset (parquet, webdataset .tar, "
                                      "save_to_disk folder, hub id).")
-    output: str | None = setting(None, short="-o", help="Embeddings store to write or extend: NAME.lance, "
+    output: str | None = setting(None, location=True, short="-o", help="Embeddings store to write or extend: NAME.lance, "
                                                         "or a URI such as s3://bucket/NAME.lance.")
     backbone: str | None = setting(None, help="clip, vit, mllm or fake (a checkpoint folder names its own).")
     model: str | None = setting(None, short="-m", help="Checkpoint folder, open_clip name or hub id.")

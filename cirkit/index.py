@@ -56,7 +56,7 @@ class IndexConfig:
     """Settings of ``cirkit index`` (see :mod:`cirkit.search` for the layout)."""
 
     embeddings: str | None = setting(
-        None, positional=True, metavar="EMBEDDINGS",
+        None, location=True, positional=True, metavar="EMBEDDINGS",
         help="Embeddings store (X.lance or s3://.../X.lance from 'cirkit embed'); optional with --delete.")
     output: str | None = setting(None, short="-o", help="Index location: a folder or any LanceDB URI "
                                                         "(s3://, gs://, az://).")

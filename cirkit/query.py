@@ -47,7 +47,7 @@ class QueryConfig:
                                  help="Reference image (omit for a text-only query).")
     text: str | None = setting(None, positional=True, metavar="TEXT", flag="--text", short="-t",
                                help='Modification text, e.g. "make it red".')
-    index: str | None = setting(None, aliases=("-i",), help="Index made by 'cirkit index'.")
+    index: str | None = setting(None, location=True, aliases=("-i",), help="Index made by 'cirkit index'.")
     table: str = setting("images", help="Table name inside the index.")
     model: str | None = setting(None, short="-m", show_default="the index's model",
                                 help="Checkpoint folder or model name.")

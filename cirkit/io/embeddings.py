@@ -81,7 +81,10 @@ def store_location(path: str | Path) -> tuple[str, str]:
 
 
 def file_signature(path: str | Path) -> str | None:
-    """``"<size>-<mtime_ns>"`` of an image file (what make and rsync compare), None if it cannot be read."""
+    """``"<size>-<mtime_ns>"`` of an image file (what make and rsync compare), None if it cannot be read
+    (or is a dataset's image, with no file of its own)."""
+    if not isinstance(path, (str, Path)):
+        return None
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # ValueError: a NUL in the path
@@ -331,7 +334,7 @@ class EmbeddingStore:
         """Ids of ``items`` stored from another file, or from a file that changed since it was embedded."""
         out = []
         for key, p in items:
-            if key not in self.done:
+            if key not in self.done or not isinstance(p, (str, Path)):  # a dataset's image: ids name it for good
                 continue
             sig = self.signatures.get(key)
             if not self._same_image(self.images.get(key), p) or (sig is not None and sig != file_signature(p)):
@@ -372,9 +375,9 @@ class EmbeddingStore:
         self.signatures.update(todo)
         return len(todo)
 
-    def _new_rows(self, ids: Sequence[str], images: Sequence[str], vectors):
+    def _new_rows(self, ids: Sequence[str], images: Sequence[str], vectors, mark: bool = True):
         """The Arrow rows of ``ids`` that are new to the store and to this batch, with their image
-        files' signatures (None: nothing new)."""
+        files' signatures (None: nothing new). ``mark``: count them as stored now (else see :meth:`_mark`)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.manifest.dim:
             raise CirkitError(f"{self.path}: vectors of shape {vectors.shape} do not match dim {self.manifest.dim}")
@@ -389,18 +392,30 @@ class EmbeddingStore:
         import pyarrow as pa
 
         sigs = [file_signature(images[i]) if is_local(images[i] or "") else None for i in keep]
-        self.done.update(seen)
-        for i, sig in zip(keep, sigs, strict=True):
-            self.signatures[ids[i]], self.images[ids[i]] = sig, images[i]
         columns = {SIGNATURE: pa.array(sigs, pa.string())} if SIGNATURE in self._schema.names else None
-        return rows_table([ids[i] for i in keep], [images[i] for i in keep], vectors[keep], self._schema, columns)
+        rows = rows_table([ids[i] for i in keep], [images[i] for i in keep], vectors[keep], self._schema, columns)
+        if mark:
+            self._mark(rows)
+        return rows
+
+    def _mark(self, rows) -> None:
+        """Count ``rows`` as stored (their ids done, their images and signatures known)."""
+        data = rows.select([c for c in ("id", "image", SIGNATURE) if c in rows.column_names]).to_pydict()
+        sigs = data.get(SIGNATURE) or [None] * len(data["id"])
+        self.done.update(data["id"])
+        for key, image, sig in zip(data["id"], data["image"], sigs, strict=True):
+            self.signatures[key], self.images[key] = sig, image
 
     def append(self, ids: Sequence[str], images: Sequence[str], vectors) -> int:
-        """Add the rows whose ids are new (one Lance commit); returns how many were added."""
-        rows = self._new_rows(ids, images, vectors)
+        """Add the rows whose ids are new (one Lance commit); returns how many were added.
+
+        Ids count as stored only once the commit is done: a failed first write leaves the store empty.
+        """
+        rows = self._new_rows(ids, images, vectors, mark=False)
         if rows is None:
             return 0
         self._table.add(rows)
+        self._mark(rows)
         return rows.num_rows
 
 
