@@ -175,7 +175,8 @@ class ReformulateConfig:
         if not -1.0 <= self.min_sim <= self.max_sim <= 1.0:
             raise CirkitError(f"--min-sim {self.min_sim} / --max-sim {self.max_sim}: need -1 <= min <= max <= 1")
         if self.group_depth is not None and self.pairing != "same-group":
-            raise CirkitError(f"--group-depth applies to --pairing same-group (got --pairing {self.pairing})")
+            raise CirkitError(f"--group-depth applies to --pairing same-group only (got --pairing {self.pairing}); "
+                              "leave --group-depth out, or remove group_depth from the recipe")
         if self.prompt is not None and self.prompt not in PROMPT_PRESETS:
             for ph in ("{reference}", "{target}"):
                 if ph not in self.prompt:
@@ -265,7 +266,7 @@ def group_keys(captions: list[Caption], group_field: str | None = None,
     keys: list[str | None] = []
     shallow: list[tuple[str, str | None]] = []
     for c, g in zip(captions, raw, strict=True):
-        parts = [] if g is None else [part for part in g.split("/") if part]
+        parts = [] if g is None else [part for part in g.split("/") if part not in ("", ".")]
         keys.append("/".join(parts[:group_depth]) if len(parts) >= group_depth else None)
         if keys[-1] is None:
             shallow.append((c.id, g))
@@ -493,8 +494,9 @@ def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -
                      "settings": settings.to_dict()}
     else:
         generator = {"type": "template", "model": "template", "prompt": None}
-    generator.update(pairing=config.pairing, seed=config.seed,
-                     **({"group_depth": config.group_depth} if config.group_depth is not None else {}))
+    generator.update(pairing=config.pairing, seed=config.seed)
+    if config.pairing == "same-group":  # which groups the pairs come from (checked on resume)
+        generator.update(group_field=config.group_field, group_depth=config.group_depth)
     return generator
 
 
@@ -540,7 +542,7 @@ def _check_same_generator(path: Path, lineno: int, obj: dict[str, Any], generato
     prev = obj.get("generator") or {}
     if not isinstance(prev, dict):
         raise RecordError(path, lineno, f"expected an object, got {prev!r:.60}", "generator")
-    for key in ("type", "model", "prompt", "pairing"):
+    for key in ("type", "model", "prompt", "pairing", "group_field", "group_depth"):
         if key in prev and prev.get(key) != generator.get(key):
             raise CirkitError(
                 f"{path}:{lineno}: written with {key} {prev.get(key)!r}, not {generator.get(key)!r}; "

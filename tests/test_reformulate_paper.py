@@ -124,6 +124,9 @@ def test_group_depth_pairs_across_products_within_a_meta_class_never_across(fash
     across = [(i, j) for i, j in pairs if product_of(caps[i]) != product_of(caps[j])]
     assert across and len({meta_of(caps[i]) for i, _ in across}) == len(METAS)  # across products, in every class
     assert {k.count("/") for k in group_keys(caps, group_depth=2)} == {1}  # keys are "women/<meta>"
+    for c in caps:  # the same paths spelled "./women//dresses/..." group the same
+        c.group = "./" + c.group.replace("/", "//", 1)
+    assert sample_pairs(caps, "same-group", 1000, seed=0, max_pairs_per_image=8, group_depth=2) == pairs
 
 
 def test_without_group_depth_the_whole_folder_is_the_group_as_before(fashion):
@@ -218,6 +221,14 @@ def test_cli_group_depth_through_the_template_generator(fashion, tmp_path):
     assert any(group[r] != group[t] for r, t in pairs)
     written = [json.loads(x) for x in out.read_text().splitlines()]
     assert written and all(t["generator"]["group_depth"] == 2 for t in written)
+    # resuming at another level (or the whole folder) would mix two kinds of pairs in one file: refused
+    for other in (["--group-depth", "1"], []):
+        line = one_error(invoke(["reformulate", str(path), "-o", str(out), "-g", "template", "--pairing", "same-group",
+                                 *other, "-n", "100", "--max-pairs-per-image", "4"]))
+        assert "written with group_depth 2" in line
+    again = invoke(["reformulate", str(path), "-o", str(out), "-g", "template", "--pairing", "same-group",
+                    "--group-depth", "2", "-n", "100", "--max-pairs-per-image", "4", "--json"])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["details"]["nothing_to_do"] is True
 
 
 # -- presets reached from the CLI and the recipe, on a tiny real model ----------------------------------
