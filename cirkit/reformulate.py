@@ -40,6 +40,7 @@ message, no examples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -62,10 +63,11 @@ from cirkit.config import (
     trust_remote_code_setting,
     wait_setting,
 )
+from cirkit.device import shard_of
 from cirkit.errors import CirkitError, RecordError
 from cirkit.io.atomic import check_file_output, is_stdio
 from cirkit.io.jsonl import JsonlAppender, check_not_input, check_output_kind, iter_complete, read_records
-from cirkit.io.lock import output_lock
+from cirkit.io.shards import jsonl_shard, parts
 from cirkit.records import Caption, Triplet, output_dir, relative_path, resolve_path, triplet_id
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
@@ -521,7 +523,8 @@ def _scan_outputs(out: Path, rej: Path | None, generator: dict[str, Any]) -> _Do
     mid-write) is passed over here and cut when the output is opened for appending.
     """
     done = _Done()
-    for path in (p for p in (out, rej) if p is not None and not is_stdio(p)):  # stdout: nothing to resume
+    files = [p for p in (out, rej) if p is not None and not is_stdio(p)]  # stdout: nothing to resume
+    for path in [f for base in files for f in (base, *parts(base))]:  # part files: a multi-process run's
         for n, (lineno, obj) in enumerate(iter_complete(path)):
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, "expected a JSON object")
@@ -532,7 +535,7 @@ def _scan_outputs(out: Path, rej: Path | None, generator: dict[str, Any]) -> _Do
                 done.pairs.add((ref_id, tgt_id))
             elif "id" in obj:  # a record without them (made by hand): known by its id only
                 done.ids.add(str(obj["id"]))
-            if path is out and isinstance(obj.get("instruction"), str):
+            if path.name.startswith(out.name) and isinstance(obj.get("instruction"), str):
                 done.accepted.add((obj.get("reference"), normalize(obj["instruction"])))
     return done
 
@@ -634,7 +637,14 @@ def run(config: ReformulateConfig) -> StageResult:
 
     Holds the output's and its ``.rejected.jsonl``'s single-writer locks for the run (``wait``:
     queue behind another writer). What is already done is read before any model is loaded.
+
+    Under ``accelerate launch`` every process draws the same pairs and writes those whose
+    reference image falls to it (:func:`cirkit.device.shard_of`: all pairs of one reference in
+    one process, so the duplicate filter sees what one process would) into its own part files,
+    merged by the main process at the end (:func:`cirkit.io.shards.jsonl_shard`): the same
+    records as one process, and a killed run continues every shard.
     """
+    from cirkit.device import process_info
     from cirkit.generation import GenerationSettings
 
     config.validate()
@@ -647,14 +657,18 @@ def run(config: ReformulateConfig) -> StageResult:
         check_file_output(path)
         check_not_input(path, captions_path)
     check_output_kind(out, Triplet)  # before its ids count as done
+    proc = process_info()
+    if is_stdio(out) and proc.world > 1:
+        raise CirkitError("-o - streams triplets from one process; under accelerate launch write them to a file")
     wait = bool(config.wait)
-    with timed(result), output_lock(out, wait, "triplets file"), \
-            output_lock(rej or out, wait, "rejected-triplets file"):
+    with timed(result), jsonl_shard(out, proc, wait, "triplets file") as shard, \
+            (jsonl_shard(rej, proc, wait, "rejected-triplets file") if rej else contextlib.nullcontext()) as rshard:
         caps = _load_captions(captions_path)
         p = _Prompting.from_config(config)
         generator = _generator_record(config, settings, p)
         done = _scan_outputs(out, rej, generator)
-        pairs = _draw_pairs(config, caps, out)
+        pairs = _shared_pairs(config, caps, out, proc)
+        proc.wait()  # every process has read what is done before any appends
         result.counts["pairs"] = len(pairs)
         if not pairs:
             raise _no_pairs(config, captions_path)
@@ -662,22 +676,43 @@ def run(config: ReformulateConfig) -> StageResult:
             log.warning("only %d of the %d requested pairs exist under these settings", len(pairs), config.count)
         todo = [(i, j) for i, j in pairs if (caps[i].id, caps[j].id) not in done]
         result.counts["already_done"] = len(pairs) - len(todo)
+        mine = [(i, j) for i, j in todo if shard_of(caps[i].id, proc.world) == proc.rank] if proc.world > 1 else todo
         counts = {"generated": 0, "written": 0, **{f"rejected_{f}": 0 for f in FILTERS}}
-        if todo:
-            with JsonlAppender(out) as writer, JsonlAppender(rej or out) as rejected:
-                _generate(config, caps, todo, _Instructions(config, settings, p, caps), done, writer,
+        duplicates: dict[str, int] = {}
+        if mine:
+            with JsonlAppender(shard.target) as writer, JsonlAppender(rshard.target if rshard else out) as rejected:
+                _generate(config, caps, mine, _Instructions(config, settings, p, caps), done, writer,
                           rejected if rej else None, generator, captions_path.parent, output_dir(out), counts)
                 for name, w in (("output", writer), ("rejected", rejected)):
                     if w.duplicates:
-                        result.counts[f"duplicate_ids_in_{name}"] = len(w.duplicates)
-        else:
+                        duplicates[f"duplicate_ids_in_{name}"] = len(w.duplicates)
+        counts = _summed({**counts, **duplicates}, proc)
+        if not todo:
             result.details["nothing_to_do"] = True
             log.info("%s: nothing to do: all %d pairs are already written or rejected", out, len(pairs))
         result.counts.update(counts)
         result.metrics["pass_rate"] = round(counts["written"] / counts["generated"], 4) if counts["generated"] else None
         result.details["generator"] = generator
+        if proc.world > 1:
+            result.details["processes"] = proc.world
         result.outputs = {"triplets": str(out), **({"rejected": str(rej)} if rej else {})}
     return result
+
+
+def _shared_pairs(config: ReformulateConfig, caps: list[Caption], out: Path, proc: Any) -> list[tuple[int, int]]:
+    """The run's pairs, drawn by the main process first (``similar`` keeps them in its plan file,
+    which the other processes then read instead of embedding the captions again)."""
+    pairs = _draw_pairs(config, caps, out) if proc.is_main else None
+    proc.wait()
+    return pairs if pairs is not None else _draw_pairs(config, caps, out)
+
+
+def _summed(counts: dict[str, int], proc: Any) -> dict[str, int]:
+    """Every process's counts added up (each counted its own share)."""
+    if proc.world <= 1:
+        return counts
+    every = proc.gather(counts)
+    return {k: sum(c.get(k, 0) for c in every) for k in dict.fromkeys(k for c in every for k in c)}
 
 
 def _write_once(writer: JsonlAppender, record: Triplet | dict[str, Any]) -> None:

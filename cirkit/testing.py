@@ -326,7 +326,10 @@ def shallow_open_clip(layers: int = 1, calls: list | None = None):
     import open_clip
     import open_clip.pretrained
 
+    import cirkit.hub
+
     real_create, real_download = open_clip.create_model_and_transforms, open_clip.pretrained.download_pretrained
+    real_check = cirkit.hub.check_model
 
     def create(model_name, pretrained=None, **kw):
         if calls is not None:
@@ -337,7 +340,9 @@ def shallow_open_clip(layers: int = 1, calls: list | None = None):
 
     open_clip.create_model_and_transforms = create
     open_clip.pretrained.download_pretrained = lambda *a, **k: ""  # no weights file: nothing to check or fetch
+    cirkit.hub.check_model = lambda *a, **k: None  # the weights stand in as if the hub had them
     try:
         yield
     finally:
         open_clip.create_model_and_transforms, open_clip.pretrained.download_pretrained = real_create, real_download
+        cirkit.hub.check_model = real_check

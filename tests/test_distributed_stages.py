@@ -1,4 +1,4 @@
-"""caption, embed and evaluate under two CPU processes (gloo): the same output as one process, and a
+"""caption, reformulate, embed and evaluate under two CPU processes (gloo): the same output as one process, and a
 kill of one rank followed by a re-run completes every shard without duplicates.
 
 The runs are real launches: ``accelerate launch --multi_gpu --num_processes 2`` (on a machine
@@ -209,3 +209,55 @@ def test_caption_kill_of_one_rank_then_rerun_is_exactly_once(captioned, tmp_path
     _run(_torchrun(args))  # two processes again: the leftovers are counted done and merged
     assert _captions(out) == want
     assert not list(tmp_path.glob("k.jsonl.part-*"))
+
+
+# -- reformulate --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reformulated(synth_dir, tmp_path_factory):
+    """synth's captions, a tiny causal LM, and one process's triplets and rejects with it."""
+    from cirkit.caption import import_captions
+    from cirkit.reformulate import ReformulateConfig, run
+    from cirkit.testing import build_tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("dist-reformulate")
+    caps = root / "captions.jsonl"
+    import_captions(synth_dir / "captions.jsonl", caps)
+    lm = str(build_tiny_causal_lm(root / "lm"))
+    args = ["--count", "16", "--max-new-tokens", "3", "--batch-size", "1", "--device", "cpu", "--max-words", "50"]
+    run(ReformulateConfig(captions=caps, output=root / "one.jsonl", model=lm, count=16, max_new_tokens=3,
+                          batch_size=1, device="cpu", max_words=50))
+    return caps, lm, args, _records(root / "one.jsonl"), _records(root / "one.rejected.jsonl")
+
+
+def _records(path: Path) -> dict[str, dict]:
+    """The records of a JSONL by id (each id once), without the fields that name the run."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"{path}: an id was written twice"
+    return {r["id"]: {k: v for k, v in r.items() if k != "generator"} for r in rows}
+
+
+def test_reformulate_two_processes_equal_one(reformulated, tmp_path):
+    caps, lm, args, want, want_rejected = reformulated
+    out = tmp_path / "two.jsonl"
+    s = _run(_torchrun(["reformulate", str(caps), "-o", str(out), "-m", lm, *args]))
+    assert s["counts"]["generated"] == 16 and s["details"]["processes"] == 2
+    assert s["counts"]["written"] == len(want) and len(want) + len(want_rejected) == 16
+    assert _records(out) == want and _records(tmp_path / "two.rejected.jsonl") == want_rejected
+    assert not list(tmp_path.glob("*.part-*"))
+
+
+def test_reformulate_kill_of_one_rank_then_rerun_is_exactly_once(reformulated, tmp_path):
+    caps, lm, args, want, want_rejected = reformulated
+    out = tmp_path / "k.jsonl"
+    cmd = ["reformulate", str(caps), "-o", str(out), "-m", lm, *args]
+    launch = subprocess.Popen(_torchrun(cmd), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = [tmp_path / "k.jsonl.part-1", tmp_path / "k.rejected.jsonl.part-1"]
+    holder = tmp_path / ".k.jsonl.part-1.lock"  # the part's single-writer lock names the rank's pid
+    assert _kill_rank(launch, lambda: sum(p.read_text().count("\n") for p in parts if p.exists()) >= 1,
+                      lambda: json.loads(holder.read_text())["pid"]), "reformulate finished before a rank was killed"
+    assert len(_records(out)) + len(_records(tmp_path / "k.rejected.jsonl")) < 16
+    s = _run(_torchrun(cmd))  # the leftovers count as done and are merged; every shard continues
+    assert s["counts"]["already_done"] >= 1
+    assert _records(out) == want and _records(tmp_path / "k.rejected.jsonl") == want_rejected
+    assert not list(tmp_path.glob("*.part-*"))
