@@ -701,7 +701,11 @@ def run(config: ReformulateConfig) -> StageResult:
 
 def _shared_pairs(config: ReformulateConfig, caps: list[Caption], out: Path, proc: Any) -> list[tuple[int, int]]:
     """The run's pairs, drawn by the main process first (``similar`` keeps them in its plan file,
-    which the other processes then read instead of embedding the captions again)."""
+    which the other processes then read instead of embedding the captions again). ``random`` and
+    ``same-group`` are cheap and deterministic: every process draws them, so a bad setting
+    (``--group-depth`` deeper than the tree) is the same one-line error on every rank."""
+    if config.pairing != "similar":
+        return _draw_pairs(config, caps, out)
     pairs = _draw_pairs(config, caps, out) if proc.is_main else None
     proc.wait()
     return pairs if pairs is not None else _draw_pairs(config, caps, out)
