@@ -123,11 +123,14 @@ def _check_outputs(config: EvaluateConfig) -> None:
         raise CirkitError(f"{sub}: --submission is a folder, but a file is here; choose a folder path")
 
 
-def _locks(config: EvaluateConfig) -> contextlib.ExitStack:
-    """One writer at a time for metrics.json and for the submission folder, for the whole run."""
+def _locks(config: EvaluateConfig, proc) -> contextlib.ExitStack:
+    """One writer at a time for metrics.json and for the submission folder, for the whole run
+    (held by the main process: under accelerate launch it alone writes them)."""
     from cirkit.io.lock import output_lock
 
     stack = contextlib.ExitStack()
+    if not proc.is_main:
+        return stack
     with stack:
         if config.output is not None:
             stack.enter_context(output_lock(config.output, wait=config.wait, what="metrics file"))
@@ -150,7 +153,7 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
     _check_outputs(config)
     proc = process_info()
     result = StageResult("evaluate")
-    with timed(result), _locks(config):
+    with timed(result), _locks(config, proc):
         bench = load_benchmark(
             config.benchmark, config.data, config.images,
             caption_join=config.caption_join, exclude_reference=config.exclude_reference,
