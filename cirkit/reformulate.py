@@ -99,6 +99,9 @@ class ReformulateConfig:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    # Decoding engine for --generator llm: hf (transformers; every model) or llama-cpp (GGUF files
+    # only, CPU, needs llama-cpp-python). Same prompts, greedy decoding, stop token and filters.
+    engine: str = "hf"
 
     def validate(self) -> None:
         if self.captions is None:
@@ -435,7 +438,8 @@ def run(config: ReformulateConfig) -> StageResult:
             generator.update(pairing=config.pairing, seed=config.seed)
             _check_same_generator([out, rej], generator)
             if config.generator == "llm" and todo:  # nothing left to write: no model to load
-                lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code)
+                lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code,
+                                    engine=config.engine)
             accepted = set()
             for lineno, obj in read_jsonl(out) if out.stat().st_size else ():
                 if not isinstance(obj, dict):

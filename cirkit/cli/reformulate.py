@@ -58,6 +58,10 @@ def reformulate(
     dtype: DtypeOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     device: DeviceOpt = None,
+    engine: Annotated[
+        str | None, typer.Option("--engine", help="hf (transformers, default) or llama-cpp (GGUF files on CPU; "
+                                                  "pip install llama-cpp-python).")
+    ] = None,
     config: RecipeOpt = None,
     json_: JsonFlag = False,
 ) -> None:
@@ -80,6 +84,8 @@ def reformulate(
       cirkit reformulate data/captions.jsonl -o t.jsonl -m Qwen/Qwen2.5-1.5B-Instruct --pairing same-group
 
       cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf
+
+      cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf --engine llama-cpp
     """
     from cirkit.config import resolve
     from cirkit.reformulate import ReformulateConfig, run
@@ -93,7 +99,7 @@ def reformulate(
             embed_model=embed_model, count=count, seed=seed, max_pairs_per_image=max_pairs_per_image,
             max_words=max_words, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             num_beams=num_beams, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code,
-            device=device,
+            device=device, engine=engine,
         ),
         section="reformulate",
     )
