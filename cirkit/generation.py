@@ -382,8 +382,12 @@ def _local_gguf(model: str, gguf_file: str) -> Path:
 
 
 def load_llama_cpp(model: str | None = None, gguf_file: str | None = None, workers: int | None = None,
-                   threads: int = 1, n_ctx: int = 4096) -> LlamaCppLM:
-    """Load a GGUF causal LM into llama.cpp: ``workers`` contexts (default: one per core) of ``threads`` each."""
+                   threads: int = 1, n_ctx: int = 4096, lora_path: str | Path | None = None) -> LlamaCppLM:
+    """Load a GGUF causal LM into llama.cpp: ``workers`` contexts (default: one per core) of ``threads`` each.
+
+    ``lora_path``: a LoRA adapter in llama.cpp's GGUF adapter format, applied on top of the
+    (possibly quantized) base weights at run time.
+    """
     if importlib.util.find_spec("llama_cpp") is None:
         raise CirkitError(f"--engine llama-cpp needs the llama-cpp-python package: {LLAMA_CPP_INSTALL} "
                           f"(or use --engine hf)")
@@ -405,14 +409,17 @@ def load_llama_cpp(model: str | None = None, gguf_file: str | None = None, worke
         probe = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=verbose)
         n_ctx = min(n_ctx, llama_cpp.llama_model_n_ctx_train(probe.model) or n_ctx)
         probe.close()
+        if lora_path is not None and not Path(lora_path).is_file():
+            raise CirkitError(f"{lora_path}: no such LoRA adapter file (llama.cpp reads GGUF adapters)")
         for _ in range(n):
             llms.append(llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                        verbose=verbose))
+                                        lora_path=str(lora_path) if lora_path else None, verbose=verbose))
     except (ValueError, RuntimeError, OSError) as e:
         _close_llamas(llms)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CirkitError(f"llama.cpp cannot load {path} ({msg}); is it a GGUF causal LM? "
-                          f"(or try --engine hf)") from None
+        what = f"{path} with the adapter {lora_path}" if lora_path else str(path)
+        raise CirkitError(f"llama.cpp cannot load {what} ({msg}); is it a GGUF causal LM"
+                          f"{' and an adapter made for it' if lora_path else ''}? (or try --engine hf)") from None
     first = llms[0]
     meta = first.metadata
     vocab = first._model.vocab
@@ -515,6 +522,68 @@ def _generate_llama_cpp(lm: LlamaCppLM, prompts: list[str], settings: Generation
             for f in [pool.submit(work, w) for w in range(n)]:
                 f.result()  # re-raise a worker's error here
     return [o if o is not None else "" for o in out]
+
+
+# transformers Llama module -> llama.cpp GGUF tensor (``convert_hf_to_gguf``'s names)
+_LLAMA_GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def llama_cpp_row_order(w, n_head: int):
+    """Rows of a q/k projection in llama.cpp's order (``convert_hf_to_gguf``'s permute; transformers undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_lora_gguf(peft_model: Any, path: str | Path, adapter: str = "default") -> Path:
+    """Write a peft LoRA on a transformers Llama as a llama.cpp GGUF adapter (``load_llama_cpp(lora_path=)``).
+
+    What ``convert_lora_to_gguf.py`` does for a PEFT folder: ``<base tensor>.lora_a`` (r x in)
+    and ``.lora_b`` (out x r) in float32, ``adapter.lora.alpha`` so that llama.cpp scales by
+    alpha / r as peft does, and the rows of q/k ``lora_b`` put in llama.cpp's permuted order
+    (the delta ``B @ A`` must be permuted like the base weight it is added to).
+    """
+    import gguf
+    import numpy as np
+
+    cfg = peft_model.peft_config[adapter]
+    base = peft_model.get_base_model()
+    arch = base.config.model_type
+    if arch != "llama":
+        raise CirkitError(f"writing a llama.cpp LoRA adapter supports Llama models only, not {arch!r}; "
+                          f"use --engine hf with this adapter")
+    if cfg.use_rslora or cfg.rank_pattern or cfg.alpha_pattern or getattr(cfg, "use_dora", False):
+        raise CirkitError("llama.cpp adapters scale every layer by alpha / r: rsLoRA, DoRA and per-layer "
+                          "ranks or alphas cannot be written; use --engine hf with this adapter")
+    n_head, n_kv = base.config.num_attention_heads, base.config.num_key_value_heads
+    state = {k: v.detach().float().cpu().numpy() for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.lora_alpha))
+    pairs = 0
+    for key in sorted(state):
+        if ".lora_A." not in key:
+            continue
+        parts = key.split(".")
+        proj = parts[parts.index("lora_A") - 1]
+        if "layers" not in parts or proj not in _LLAMA_GGUF_NAMES:
+            raise CirkitError(f"{key}: llama.cpp adapters cover the attention and MLP projections of the "
+                              f"decoder layers only; use --engine hf with this adapter")
+        a, b = state[key], state[key.replace(".lora_A.", ".lora_B.")]
+        if proj in ("q_proj", "k_proj"):
+            b = llama_cpp_row_order(b, n_head if proj == "q_proj" else n_kv)
+        name = f"blk.{int(parts[parts.index('layers') + 1])}.{_LLAMA_GGUF_NAMES[proj]}.weight"
+        w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+        w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        pairs += 1
+    if not pairs:
+        raise CirkitError("the model has no LoRA weights to write")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 # --------------------------------------------------------------------------- captioners

@@ -244,13 +244,8 @@ TINY_GGUF_CHAT_TEMPLATE = (  # ChatML, as SmolLM2's GGUF carries it
 )
 
 
-def _permute_qk(w, n_head: int):
-    """llama.cpp's row order for q/k projections (``convert_hf_to_gguf``'s permute); transformers undoes it on load."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Write a random 2-layer Llama as a float32 GGUF file that both transformers and llama.cpp load.
+    """Write a random 2-layer Llama (4 heads, 2 kv heads) as a float32 GGUF file that transformers and llama.cpp load.
 
     Its tokenizer is a byte-level BPE (GGUF ``gpt2`` model, GPT-2 pre-tokenizer) learned here
     from cirkit's own prompt vocabulary, with ChatML control tokens and chat template, so the
@@ -263,6 +258,8 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from cirkit.generation import llama_cpp_row_order
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -273,6 +270,8 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
     config = _tiny_llama_config(tok, hidden=hidden, layers=layers, tie_word_embeddings=True)
+    # grouped-query attention as in SmolLM2 (9 heads, 3 kv heads): q and k rows are reordered differently
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, hidden // 4
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
 
@@ -292,7 +291,7 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_dimension_count(hidden // config.num_attention_heads)
+    w.add_rope_dimension_count(config.head_dim)
     w.add_rope_freq_base(float(config.rope_parameters["rope_theta"]) if getattr(config, "rope_parameters", None)
                          else float(getattr(config, "rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -311,7 +310,6 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
     w.add_chat_template(TINY_GGUF_CHAT_TEMPLATE)
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    n_head = config.num_attention_heads
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -321,7 +319,7 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
         for hf, gg in names.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]
             if gg in ("attn_q", "attn_k"):
-                t = _permute_qk(t, n_head)
+                t = llama_cpp_row_order(t, config.num_attention_heads if gg == "attn_q" else config.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

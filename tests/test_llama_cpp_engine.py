@@ -181,3 +181,59 @@ def test_shipped_smollm2_prompts_and_ids_match():
     out = generate_texts(cpp, prompts, GenerationSettings(max_new_tokens=16),
                          shared_prefix(tok, DEFAULT_SYSTEM, shots, DEFAULT_PROMPT))
     assert all(o and "<|im_end|>" not in o for o in out)
+
+
+def _lora(model, seed=1, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
+    with torch.no_grad():  # peft starts B at zero (no change): make the adapter do something
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return pm.eval()
+
+
+def test_lora_adapter_in_llama_cpp_matches_peft(tmp_path, tiny_gguf):
+    """A peft LoRA written as a GGUF adapter changes llama.cpp's logits as it changes transformers'."""
+    import llama_cpp
+    import numpy as np
+
+    from cirkit.generation import write_lora_gguf
+
+    hf = load_causal_lm(str(tiny_gguf), device="cpu")
+    ids = hf.tokenizer(chat_prompt(hf.tokenizer, USERS[1], SYSTEM), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        base = hf.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    pm = _lora(hf.model)
+    with torch.no_grad():
+        tuned = pm(input_ids=torch.tensor([ids])).logits[0].numpy()
+    adapter = write_lora_gguf(pm, tmp_path / "adapter.gguf")
+
+    def cpp_logits(lora):
+        llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=256, logits_all=True, verbose=False, lora_path=lora)
+        llm.eval(ids)
+        out = np.array(llm.scores[: len(ids)])
+        llm.close()
+        return out
+
+    effect = np.abs(tuned - base).max()
+    assert effect > 2.0  # the adapter matters, so agreement below means the export is right
+    # float32 weights on both sides; llama.cpp keeps its KV cache in float16
+    assert np.abs(cpp_logits(None) - base).max() < 0.25
+    assert np.abs(cpp_logits(str(adapter)) - tuned).max() < 0.25
+    # and through the engine: the adapter loads with the model
+    cpp = load_llama_cpp(str(tiny_gguf), workers=1, lora_path=adapter)
+    assert generate_texts(cpp, [chat_prompt(cpp.tokenizer, USERS[0])], GenerationSettings(max_new_tokens=4))
+
+
+def test_lora_adapters_llama_cpp_cannot_apply_are_refused(tmp_path, tiny_gguf):
+    from cirkit.generation import write_lora_gguf
+
+    hf = load_causal_lm(str(tiny_gguf), device="cpu")
+    with pytest.raises(CirkitError, match="rsLoRA"):
+        write_lora_gguf(_lora(hf.model, use_rslora=True), tmp_path / "a.gguf")
+    with pytest.raises(CirkitError, match="no such LoRA adapter"):
+        load_llama_cpp(str(tiny_gguf), lora_path=tmp_path / "missing.gguf")
