@@ -5,8 +5,8 @@ Generates random unit vectors (N x dim), indexes them with ``cirkit.index.run`` 
 searches, all in one run on the same machine:
 
 * ``numpy``        in-RAM float32 matrix: ``G @ q``, argpartition, sort (the baseline)
-* ``cirkit-exact`` ``Index.search(mode="exact")``: memory-mapped cache, same maths, + ids
-* ``cirkit-ann``   ``Index.search(mode="ann")``: LanceDB IVF_PQ, cosine, default nprobes/refine
+* ``cirkit-exact`` ``Index.search(strategy="exact")``: memory-mapped cache, same maths, + ids
+* ``cirkit-ann``   ``Index.search(strategy="ann")``: LanceDB IVF_PQ, cosine, default nprobes/refine
 * ``lancedb-flat`` ``table.search(q).bypass_vector_index()``: LanceDB's own exhaustive scan
 
 and recall@k of the ANN path against the numpy top-k.
@@ -90,9 +90,10 @@ def timeit_pair(fa, fb, qs):
 
 
 def bench(n: int, args, work: Path) -> dict:
-    from cirkit.index import DEFAULT_REFINE, IndexConfig, ann_params, default_nprobes, open_index, run
+    from cirkit.index import IndexConfig, run
     from cirkit.io.embeddings import EmbeddingStore
     from cirkit.records import EmbeddingManifest
+    from cirkit.search import DEFAULT_REFINE, ann_params, open_index
 
     dim, k = args.dim, args.k
     t0 = time.perf_counter()
@@ -127,12 +128,12 @@ def bench(n: int, args, work: Path) -> dict:
         "n": n, "dim": dim, "k": k, "clusters": args.clusters, "spread": args.spread, "queries": args.queries,
         "generate_s": round(gen_s, 1), "store_s": round(store_s, 1), "index_s": round(index_s, 1),
         "ann_build_s": ann_build, "ann": params, "index_type": args.index_type,
-        "nprobes": args.nprobes or default_nprobes(params["num_partitions"]),
+        "nprobes": args.nprobes or ix.nprobes(),
         "refine_factor": args.refine_factor if args.refine_factor is not None else DEFAULT_REFINE,
     }
 
     # numpy and cirkit-exact alternate query by query, so machine load hits both alike
-    (truth_t, truth), (ex_t, ex) = timeit_pair(lambda q: numpy_topk(g, q, k), lambda q: ix.search(q, k=k, mode="exact")[0], qs)
+    (truth_t, truth), (ex_t, ex) = timeit_pair(lambda q: numpy_topk(g, q, k), lambda q: ix.search(q, k=k, strategy="exact")[0], qs)
     out["numpy_p50_ms"], out["numpy_p95_ms"] = pct(truth_t)
     truth_ids = [{ids[j] for j in t} for t in truth]
 
@@ -141,7 +142,7 @@ def bench(n: int, args, work: Path) -> dict:
     out["exact_vs_numpy_p50"] = round(out["exact_p50_ms"] / out["numpy_p50_ms"], 3)
 
     def ann(q, nprobes=args.nprobes, refine=args.refine_factor):
-        return ix.search(q, k=k, mode="ann", nprobes=nprobes, refine_factor=refine)[0]
+        return ix.search(q, k=k, strategy="ann", nprobes=nprobes, refine_factor=refine)[0]
 
     an_t, an = timeit(ann, qs)
     out["ann_p50_ms"], out["ann_p95_ms"] = pct(an_t)

@@ -61,6 +61,8 @@ def iter_image_batches(
 
     ``min_side``: the shorter side the transform needs (see :func:`cirkit.io.open_image`).
     """
+    # More workers than batches only costs process start-ups (each worker decodes whole batches).
+    num_workers = min(num_workers, -(-len(items) // max(1, batch_size)))
     loader = torch.utils.data.DataLoader(
         _ImageDataset(items, transform, min_side),
         batch_size=batch_size,

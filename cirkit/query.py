@@ -1,79 +1,111 @@
 """Composed image retrieval against a cirkit index: image + text in, ranked images out.
 
-One query (``image`` and/or ``text``) returns its hits in ``result.details["hits"]``;
-batch mode reads a ``queries.jsonl`` of :class:`cirkit.records.Query` and appends one
-:class:`cirkit.records.Result` per query to ``results.jsonl`` (resumable: ids already
-written are skipped). The query model must be the one that built the index; when no
-model is given, the index's own manifest names it. Timings (open index, model load,
-embedding, search) are reported in ``result.details["timing_s"]``.
+``run`` returns a :class:`QueryResult`: the stage summary plus ``answers``, one typed
+:class:`cirkit.records.Result` per query whose ``hits`` are :class:`cirkit.records.Hit`
+records carrying the index's metadata columns. One query (``image`` and/or ``text``)
+answers in memory; batch mode reads a ``queries.jsonl`` of :class:`cirkit.records.Query`
+and appends one Result per query to ``results.jsonl`` (resumable: ids already written are
+skipped; the reference is written as an absolute path, so the file reads the same from any
+folder). The query model must be the one that built the index; when no model is given,
+the index's own manifest names it. Search goes through :mod:`cirkit.search` only; the
+search *strategy* (auto, exact, ann) is ``config.search``, the fusion *mode* ``config.mode``.
+Timings (open index, model load, embedding, search) are reported in the JSON summary.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_workers_setting,
+    setting,
+    strict_setting,
+    wait_setting,
+)
 from cirkit.errors import CirkitError, ImageError
-from cirkit.summary import StageResult, timed
+from cirkit.records import EmbeddingManifest, Hit, Result
+from cirkit.summary import StageResult, Timer, timed
 
 log = logging.getLogger("cirkit")
 
 BATCH_CHUNK = 256  # queries embedded and written per step, so a killed batch keeps its work
-HTML_LIMIT = 100  # queries shown in a batch's contact sheet
+HTML_LIMIT = 100  # queries shown in a batch's contact sheet (and kept in ``answers``)
 
 
 @dataclass
 class QueryConfig:
     """Settings of ``cirkit query``."""
 
-    image: Path | None = None
-    text: str | None = None
-    index: str | None = None
-    table: str = "images"
-    model: str | None = None
-    backbone: str | None = None
-    pretrained: str | None = None
-    mode: str = "composed"
-    device: str | None = None
-    k: int = 10
-    where: str | None = None
-    exclude_reference: bool = False
-    search: str = "auto"
-    nprobes: int | None = None
-    refine_factor: int | None = None
-    html: Path | None = None
-    grid: Path | None = None
-    batch: Path | None = None
-    output: Path = Path("results.jsonl")
-    batch_size: int = 64
-    num_workers: int | None = 0
-    strict: bool = False
-    cache_dir: Path | None = None
+    image: Path | None = setting(None, positional=True, metavar="IMAGE",
+                                 help="Reference image (omit for a text-only query).")
+    text: str | None = setting(None, positional=True, metavar="TEXT", flag="--text", short="-t",
+                               help='Modification text, e.g. "make it red".')
+    index: str | None = setting(None, aliases=("-i",), help="Index made by 'cirkit index'.")
+    table: str = setting("images", help="Table name inside the index.")
+    model: str | None = setting(None, short="-m", show_default="the index's model",
+                                help="Checkpoint folder or model name.")
+    backbone: str | None = setting(None, help="clip, vit, mllm or fake.")
+    pretrained: str | None = setting(None, help="open_clip pretrained tag (clip).")
+    mode: str = setting("composed", help="composed, image, text or sum.")
+    device: str | None = device_setting()
+    k: int = setting(10, ge=1, flag="--k", short="-k", help="Results per query.")
+    where: str | None = setting(None, help='SQL filter on metadata columns, e.g. "year > 2020".')
+    exclude_reference: bool = setting(False, flag="--exclude-reference/--keep-reference",
+                                      help="Drop the reference image from the results.")
+    search: str = setting("auto", choices=("auto", "exact", "ann"), help="How to search the index.")
+    nprobes: int | None = setting(None, ge=1, show_default="max(16, 2% of partitions)",
+                                  help="ANN partitions probed per query.")
+    refine_factor: int | None = setting(None, ge=1, show_default="30", help="ANN: re-rank k*factor candidates exactly.")
+    html: Path | None = setting(None, help="Write a self-contained HTML contact sheet.")
+    grid: Path | None = setting(None, help="Write a PNG grid of query and results.")
+    batch: Path | None = setting(None, help="queries.jsonl (cirkit Query records) to answer.")
+    output: Path = setting(Path("results.jsonl"), short="-o", help="Batch results file.")
+    batch_size: int = batch_size_setting(64, "Queries embedded")
+    num_workers: int | None = num_workers_setting(0)
+    strict: bool = strict_setting()
+    wait: bool = wait_setting()
+    cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
+                                     help="Folder of the exact-search vector cache.")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
-class Timer:
-    """Accumulates named wall-clock sections."""
+@dataclass
+class QueryResult(StageResult):
+    """The summary of a query run plus its typed answers.
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+    ``answers``: the one answer of a single query; in batch mode the first
+    :data:`HTML_LIMIT` answered in this run (every answer is in ``results.jsonl``).
+    ``to_dict()`` (the ``--json`` boundary) adds a single query's hits under ``details``.
+    """
 
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+    answers: list[Result] = field(default_factory=list)
+    model: EmbeddingManifest | None = None
+    single: bool = False
 
-    def line(self) -> str:
-        def fmt(s: float) -> str:
-            return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+    @property
+    def hits(self) -> list[Hit]:
+        """The hits of a single query (empty in batch mode)."""
+        return self.answers[0].hits if self.single and self.answers else []
 
-        return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in self.seconds.items())
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        details = dict(out.get("details", {}))
+        if self.model is not None:
+            details["model"] = self.model.to_dict()
+        if self.single and self.answers:
+            a = self.answers[0]
+            details["hits"] = [h.to_dict() for h in a.hits]
+            details["query"] = {"reference": a.reference, "text": a.text}
+        out["details"] = details
+        return out
 
 
 def spec_for(config: QueryConfig, index) -> Any:
@@ -99,12 +131,8 @@ def _resolved_path(a: str | Path) -> str:
     return str(Path(a).expanduser().resolve())
 
 
-def run(config: QueryConfig) -> StageResult:
-    """Answer one query or a batch of queries (see module docstring)."""
-    from cirkit.backbones import load_backbone
-    from cirkit.index import open_index
-
-    result = StageResult("query")
+def _check(config: QueryConfig) -> None:
+    """Refuse settings that cannot work, before loading anything."""
     if not config.index:
         raise CirkitError("no index given; pass --index INDEX (made by 'cirkit index')")
     if config.batch is None and config.image is None and not (config.text or "").strip():
@@ -113,54 +141,101 @@ def run(config: QueryConfig) -> StageResult:
         raise CirkitError("--batch reads its queries from the file; drop the IMAGE/TEXT arguments")
     if config.image is not None and not Path(config.image).exists():
         raise ImageError(config.image, "no such file")
-    if config.k < 1:
-        raise CirkitError(f"--k must be at least 1, got {config.k}")
-    if config.batch_size < 1:
-        raise CirkitError(f"--batch-size must be at least 1, got {config.batch_size}")
+    check_settings(config)  # ranges and choices (again: a config's fields can change after it is made)
+    outputs = {"--html": config.html, "--grid": config.grid}
+    if config.batch is not None:
+        outputs["--output"] = config.output
+    inputs = {"--batch": config.batch, "IMAGE": config.image}
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        key = _resolved_path(path)
+        clash = next((f for f, p in inputs.items() if p is not None and _resolved_path(p) == key), None) or seen.get(key)
+        if clash:
+            raise CirkitError(f"{path}: {flag} would overwrite {clash} ({path}); choose another file")
+        seen[key] = flag
+    _check_outputs(config)
+
+
+def _outputs(config: QueryConfig) -> list[tuple[Path, str]]:
+    """The files this run writes, with what each is (for their locks and messages)."""
+    found = [(Path(config.output), "results file")] if config.batch is not None else []
+    found += [(Path(p), what) for p, what in ((config.html, "HTML report"), (config.grid, "PNG grid")) if p is not None]
+    return found
+
+
+def _check_outputs(config: QueryConfig) -> None:
+    """Each output is a file cirkit may write: not a link, device or folder, and not someone else's file."""
+    from cirkit.io.atomic import check_file_output
+    from cirkit.io.jsonl import check_output_kind
+    from cirkit.report import is_report_html, is_report_png
+
+    owned = {"HTML report": is_report_html, "PNG grid": is_report_png}
+    for path, what in _outputs(config):
+        check_file_output(path, what, owned.get(what))
+    if config.batch is not None:
+        check_output_kind(config.output, Result)  # results are appended: resuming a captions file would mix them
+
+
+def run(config: QueryConfig) -> QueryResult:
+    """Answer one query or a batch of queries (see module docstring)."""
+    import contextlib
+
+    from cirkit.backbones import load_backbone
+    from cirkit.io.lock import output_lock
+    from cirkit.search import open_index
+
+    _check(config)
+    result = QueryResult("query", single=config.batch is None)
     timer = Timer()
-    with timed(result):
+    with timed(result), contextlib.ExitStack() as locks:
+        for path, what in _outputs(config):  # one writer per output, for the whole run
+            locks.enter_context(output_lock(path, wait=config.wait, what=what))
         with timer("open_index"):
             index = open_index(config.index, config.table, config.cache_dir)
-            mode = "ann" if index.uses_ann(config.search) else "exact"
+            strategy = "ann" if index.uses_ann(config.search) else "exact"
         with timer("model_load"):
             backbone = load_backbone(spec_for(config, index))
-        index.check_model(backbone.manifest(), "the query model")
+        result.model = backbone.manifest()
+        index.check_model(result.model, "the query model")
         if config.batch is not None:
-            entries = _run_batch(config, index, backbone, timer, result)
+            result.answers = _run_batch(config, index, backbone, timer, result)
         else:
-            entries = _run_one(config, index, backbone, timer, result)
-        with timer("report"):
-            if config.html:
-                from cirkit.report import write_html
-
-                result.outputs["html"] = str(write_html(config.html, entries[:HTML_LIMIT]))
-            if config.grid:
-                from cirkit.report import write_grid
-
-                result.outputs["grid"] = str(write_grid(config.grid, entries[:HTML_LIMIT]))
-        if not (config.html or config.grid):
-            timer.seconds.pop("report", None)
+            result.answers = _run_one(config, index, backbone, timer, result)
+        _write_reports(config, result, timer)
     result.details.update(
-        search=mode,
+        search=strategy,
         index=str(config.index),
-        model=backbone.manifest(),
-        timing_s={k: round(v, 4) for k, v in timer.seconds.items()},
+        table=config.table,
+        where=config.where,
+        columns=index.metadata_columns(),
+        timing_s=timer.rounded(),
         timing=timer.line(),
     )
     return result
 
 
-def _search_kwargs(config: QueryConfig) -> dict[str, Any]:
-    return {
-        "k": config.k,
-        "where": config.where,
-        "mode": config.search,
-        "nprobes": config.nprobes,
-        "refine_factor": config.refine_factor,
-    }
+def _write_reports(config: QueryConfig, result: QueryResult, timer: Timer) -> None:
+    if not (config.html or config.grid):
+        return
+    with timer("report"):
+        if config.html:
+            from cirkit.report import write_html
+
+            result.outputs["html"] = str(write_html(config.html, result.answers[:HTML_LIMIT]))
+        if config.grid:
+            from cirkit.report import write_grid
+
+            result.outputs["grid"] = str(write_grid(config.grid, result.answers[:HTML_LIMIT]))
 
 
-def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: StageResult) -> list[dict[str, Any]]:
+def _search(index, config: QueryConfig, vectors, exclude) -> list[list[Hit]]:
+    return index.search(vectors, k=config.k, where=config.where, strategy=config.search, nprobes=config.nprobes,
+                        refine_factor=config.refine_factor, exclude=exclude, metadata=True)
+
+
+def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: QueryResult) -> list[Result]:
     from cirkit.encode import encode_queries
 
     ref = Path(config.image) if config.image is not None else None
@@ -172,31 +247,23 @@ def _run_one(config: QueryConfig, index, backbone, timer: Timer, result: StageRe
         raise ImageError(ref or "query", reason)
     exclude = [[_resolved_path(ref)]] if (config.exclude_reference and ref is not None) else None
     with timer("search"):
-        hits = index.search(enc.vectors.numpy(), exclude=exclude, **_search_kwargs(config))[0]
-    entry = {
-        "id": "query",
-        "reference": str(ref) if ref is not None else None,
-        "text": text,
-        "hits": [h.to_dict() for h in hits],
-    }
+        hits = _search(index, config, enc.vectors.numpy(), exclude)[0]
     result.counts = {"queries": 1, "hits": len(hits)}
-    result.details["hits"] = entry["hits"]
-    result.details["query"] = {"reference": entry["reference"], "text": text}
-    return [entry]
+    return [Result(id="query", hits=hits, reference=str(ref) if ref is not None else None, text=text)]
 
 
-def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: StageResult) -> list[dict[str, Any]]:
+def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: QueryResult) -> list[Result]:
     from cirkit.encode import encode_queries
     from cirkit.io.jsonl import JsonlAppender, read_records
-    from cirkit.records import Query, Result, resolve_path
+    from cirkit.records import Query, resolve_path
     from cirkit.summary import make_progress
 
     batch = Path(config.batch)
     queries = read_records(batch, Query)
     base = batch.parent
-    entries: list[dict[str, Any]] = []
+    answers: list[Result] = []
     written = resumed = 0
-    with JsonlAppender(config.output) as out:
+    with JsonlAppender(config.output, record=Result) as out:
         todo = [q for q in queries if q.id not in out]
         resumed = len(queries) - len(todo)
         if resumed:
@@ -224,17 +291,15 @@ def _run_batch(config: QueryConfig, index, backbone, timer: Timer, result: Stage
                         for k in enc.ids
                     ]
                 with timer("search"):
-                    hits = index.search(enc.vectors.numpy(), exclude=exclude, **_search_kwargs(config)) if enc.ids else []
+                    hits = _search(index, config, enc.vectors.numpy(), exclude) if enc.ids else []
                 for k, hs in zip(enc.ids, hits, strict=True):
-                    q = by_id[k]
-                    rec = Result(id=k, hits=[h.to_dict() for h in hs], reference=q.reference, text=q.text)
+                    ref = _resolved_path(refs[k]) if refs[k] else None
+                    rec = Result(id=k, hits=hs, reference=ref, text=by_id[k].text)
                     if out.write(rec):
                         written += 1
-                    if len(entries) < HTML_LIMIT:
-                        entries.append(
-                            {"id": k, "reference": str(refs[k]) if refs[k] else None, "text": q.text, "hits": rec.hits}
-                        )
+                    if len(answers) < HTML_LIMIT:
+                        answers.append(rec)
                 progress.update(task, advance=len(chunk))
     result.counts = {"queries": len(queries), "written": written, "already_done": resumed}
     result.outputs["results"] = str(config.output)
-    return entries
+    return answers

@@ -17,7 +17,9 @@ user's own metadata survives every stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +154,26 @@ class Triplet(Record):
             _nonempty(self, name, path, line)
 
 
+_EDGE_OR_DOUBLE_UNDERSCORE = re.compile(r"^_|_$|_(?=_)|(?<=_)_")
+
+
+def _id_part(part: str) -> str:
+    # "%" is the escape character; an "_" that touches another "_" or an end of the part
+    # becomes "%5F", so a part never contains "__" nor starts or ends with "_".
+    return _EDGE_OR_DOUBLE_UNDERSCORE.sub("%5F", part.replace("%", "%25"))
+
+
+def triplet_id(reference_id: str, target_id: str) -> str:
+    """The id of the triplet (reference -> target): ``<reference id>__<target id>``, never ambiguous.
+
+    Ids are joined with ``__``; within each, ``%`` and any ``_`` next to another ``_`` or at
+    an end are percent-escaped, so the first ``__`` of the result is always the separator and
+    two different pairs never share an id (``a`` + ``b__c`` -> ``a__b%5F%5Fc``, ``a__b`` + ``c``
+    -> ``a%5F%5Fb__c``). Ids without those characters read as before: ``shoes/im_1__shoes/im_2``.
+    """
+    return f"{_id_part(reference_id)}__{_id_part(target_id)}"
+
+
 @dataclass
 class GalleryItem(Record):
     """One line of ``gallery.jsonl`` in the generic benchmark format."""
@@ -189,15 +211,82 @@ class Query(Record):
             raise RecordError(path, line, "a query needs a reference image, a text, or both", "text")
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold as text (dates, bytes, decimals from a table), and NaN/inf as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN: json.dumps would write a token other tools reject
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+@dataclass
+class Hit(Record):
+    """One ranked answer: a gallery image, its score, and the index's metadata columns for it.
+
+    ``metadata`` holds the user's columns of the index row (empty when the index has none).
+    """
+
+    kind: ClassVar[str] = "hit"
+    rank: int
+    id: str
+    score: float
+    image: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path, line):
+        if self.rank < 1:
+            raise RecordError(path, line, f"must be at least 1, got {self.rank}", "rank")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rank": self.rank, "id": self.id, "score": round(float(self.score), 6),
+                               "image": self.image}
+        if self.metadata:
+            out["metadata"] = jsonable(self.metadata)
+        out.update(self.extra)
+        return out
+
+
 @dataclass
 class Result(Record):
-    """One line of ``results.jsonl``: the ranked answer to one query."""
+    """One line of ``results.jsonl``: the ranked answer to one query (hits best first)."""
 
     kind: ClassVar[str] = "result"
     id: str
-    hits: list[dict]
+    hits: list[Hit]
     reference: str | None = None
     text: str | None = None
+
+    def __post_init__(self) -> None:
+        # hits given as plain dicts (a rankings writer, an old caller) become records here
+        self.hits = [h if isinstance(h, Hit) else Hit.from_dict(h) for h in self.hits]
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str | Path = "<memory>", line: int | None = None):
+        """As :meth:`Record.from_dict`; a bad hit is named by its position (``hits[2].score``)."""
+        if isinstance(obj, dict) and isinstance(obj.get("hits"), list):
+            hits = []
+            for i, h in enumerate(obj["hits"]):
+                try:
+                    hits.append(h if isinstance(h, Hit) else Hit.from_dict(h, path, line))
+                except RecordError as e:
+                    where = f"{path}:{line}" if line is not None else f"{path}"
+                    prefix = f"{where}: " + (f"field '{e.field}': " if e.field else "")
+                    field_name = f"hits[{i}]" + (f".{e.field}" if e.field else "")
+                    raise RecordError(path, line, str(e).removeprefix(prefix), field_name) from None
+            obj = {**obj, "hits": hits}
+        return super().from_dict(obj, path, line)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["hits"] = [h.to_dict() for h in self.hits]
+        return out
 
 
 @dataclass
@@ -241,5 +330,5 @@ def relative_path(path: str | Path, base_dir: str | Path) -> str:
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    c.kind: c for c in (Caption, Triplet, GalleryItem, Query, Result, EmbeddingManifest)
+    c.kind: c for c in (Caption, Triplet, GalleryItem, Query, Hit, Result, EmbeddingManifest)
 }

@@ -20,9 +20,13 @@ Stage 2 of the paper's data pipeline (section II-A): from ``captions.jsonl`` to
    query with two different targets is contradictory training data). Rejected outputs go to
    ``<output stem>.rejected.jsonl`` with the reason.
 
-Exactly-once: the triplet id is ``<reference id>__<target id>``; accepted and rejected pairs
-are both appended record by record through :class:`~cirkit.io.JsonlAppender`, so a re-run
-after a crash regenerates only pairs that are in neither file.
+Exactly-once: the triplet id is ``<reference id>__<target id>`` with ``%`` and ``_`` escaped where
+needed so two pairs never share one (:func:`cirkit.records.triplet_id`); accepted and rejected
+pairs are both appended record by record through :class:`~cirkit.io.JsonlAppender`, so a re-run
+after a crash regenerates only pairs that are in neither file. One run writes an output at a
+time (its lock and its ``.rejected.jsonl``'s are held for the run), and what is done is read
+before any model is loaded: a re-run with nothing left to do loads none (``--pairing similar``
+keeps the pairs it drew in a hidden ``.<output>.pairs.json`` for that).
 
 Prompt: the paper's Table I text could not be retrieved here, so :data:`DEFAULT_PROMPT` is
 our own wording in its spirit (two captions in, one short edit instruction of at most 12
@@ -32,6 +36,7 @@ words out), preceded by three worked examples as chat turns (:data:`DEFAULT_EXAM
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -40,15 +45,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import (
+    batch_size_setting,
+    check_settings,
+    device_setting,
+    num_beams_setting,
+    precision_setting,
+    sampling_temperature_setting,
+    setting,
+    top_p_setting,
+    trust_remote_code_setting,
+    wait_setting,
+)
 from cirkit.errors import CirkitError, RecordError
-from cirkit.io.jsonl import JsonlAppender, read_jsonl, read_records
-from cirkit.records import Caption, Triplet, relative_path, resolve_path
+from cirkit.io.atomic import check_file_output
+from cirkit.io.jsonl import JsonlAppender, check_not_input, check_output_kind, iter_complete, read_records
+from cirkit.io.lock import output_lock
+from cirkit.records import Caption, Triplet, relative_path, resolve_path, triplet_id
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
 
 PAIRINGS = ("random", "same-group", "similar")
 GENERATORS = ("llm", "template")
+ENGINES = ("hf", "llama-cpp")
 FILTERS = ("empty", "special_chars", "too_long", "copy", "duplicate")
 
 DEFAULT_SYSTEM = "You write short, precise image editing instructions."
@@ -75,33 +95,44 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
 class ReformulateConfig:
     """Settings of ``cirkit reformulate`` (CLI flags, recipe keys and Python arguments alike)."""
 
-    captions: Path | None = None
-    output: Path = Path("triplets.jsonl")
-    generator: str = "llm"
-    model: str | None = None
-    gguf_file: str | None = None
-    prompt: str | None = None
-    system: str | None = None
-    pairing: str = "random"
-    group_field: str | None = None
-    min_sim: float = 0.5
-    max_sim: float = 0.95
-    embed_model: str | None = None
-    count: int = 1000
-    seed: int = 0
-    max_pairs_per_image: int = 2
-    max_words: int = 12
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    # Decoding engine for --generator llm: hf (transformers; every model) or llama-cpp (GGUF files
-    # only, CPU, needs llama-cpp-python). Same prompts, greedy decoding, stop token and filters.
-    engine: str = "hf"
+    captions: Path | None = setting(
+        None, positional=True, metavar="CAPTIONS", help="captions.jsonl (from `cirkit caption` or `cirkit synth`).")
+    output: Path = setting(Path("triplets.jsonl"), short="-o", help="Triplets JSONL to write or resume.")
+    generator: str = setting("llm", short="-g", choices=GENERATORS,
+                             help="llm, or template (rule-based, no model).")
+    model: str | None = setting(None, short="-m", show_default="offline SmolLM2-135M-Instruct",
+                                help="Causal LM hub id or folder.")
+    gguf_file: str | None = setting(None, help="A GGUF file (path, or name inside --model).")
+    prompt: str | None = setting(None, help="User prompt with {reference} and {target} placeholders.")
+    system: str | None = setting(None, help="System message for the chat template.")
+    pairing: str = setting("random", choices=PAIRINGS, help="How captions are paired: random, same-group, similar.")
+    group_field: str | None = setting(None, show_default="group, else the parent folder",
+                                      help="same-group: caption field to group by.")
+    min_sim: float = setting(0.5, ge=-1, le=1, help="similar: lowest caption cosine.")
+    max_sim: float = setting(0.95, ge=-1, le=1, help="similar: highest caption cosine.")
+    embed_model: str | None = setting(None, show_default="offline all-MiniLM-L6-v2",
+                                      help="similar: text embedding model.")
+    count: int = setting(1000, ge=1, short="-n", help="Pairs to draw.")
+    seed: int = setting(0, ge=0, help="Pairing (and sampling) seed.")
+    max_pairs_per_image: int = setting(2, ge=1, help="Most pairs with the same reference image.")
+    max_words: int = setting(12, ge=1, help="Word limit of an instruction.")
+    max_new_tokens: int = setting(32, ge=1, help="Longest reply in tokens.")
+    temperature: float = sampling_temperature_setting()
+    top_p: float = top_p_setting()
+    num_beams: int = num_beams_setting()
+    batch_size: int = batch_size_setting(16, "Prompts", aliases=("-b",))
+    device: str | None = device_setting()
+    precision: str | None = precision_setting(aliases=("--dtype",))
+    trust_remote_code: bool = trust_remote_code_setting()
+    wait: bool = wait_setting()
+    # Same prompts, greedy decoding, stop token and filters on either engine; llama-cpp reads GGUF
+    # files only, on CPU, and needs the optional llama-cpp-python (its wheel builds from source).
+    engine: str = setting("hf", choices=ENGINES,
+                          help="hf (transformers; every model) or llama-cpp (GGUF files on CPU; "
+                               "pip install llama-cpp-python).")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def validate(self) -> None:
         if self.captions is None:
@@ -127,7 +158,8 @@ def rejected_path(output: Path) -> Path:
 
 
 def pair_id(ref_id: str, tgt_id: str) -> str:
-    return f"{ref_id}__{tgt_id}"
+    """The triplet id of (reference, target): see :func:`cirkit.records.triplet_id` (never ambiguous)."""
+    return triplet_id(ref_id, tgt_id)
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -364,142 +396,263 @@ def _load_captions(path: Path) -> list[Caption]:
     return [c for c in caps if c.caption.strip()]
 
 
-def _check_same_generator(paths: list[Path], generator: dict[str, Any]) -> None:
-    """Refuse to resume outputs written by another generator: the union would be inconsistent."""
-    for path in paths:
-        if not path.exists() or not path.stat().st_size:
-            continue
-        for lineno, obj in read_jsonl(path):
+@dataclass
+class _Prompting:
+    """What the LLM is asked: the user prompt, the system message and the worked examples."""
+
+    prompt: str
+    system: str | None
+    examples: list[tuple[str, str]]
+
+    @classmethod
+    def from_config(cls, config: ReformulateConfig) -> _Prompting:
+        prompt = config.prompt or DEFAULT_PROMPT
+        system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
+        examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
+            if config.prompt is None else []
+        return cls(prompt, system, examples)
+
+
+def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -> dict[str, Any]:
+    """The ``generator`` field of every record: what made the instruction (checked on resume)."""
+    if config.generator == "llm":
+        from cirkit.generation import causal_lm_ref
+
+        _, gguf_file, name = causal_lm_ref(config.model, config.gguf_file)  # names it, loads nothing
+        generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
+                     "prompt": p.prompt, "system": p.system,
+                     "examples": [list(e) for e in DEFAULT_EXAMPLES] if p.examples else [],
+                     "settings": settings.to_dict()}
+    else:
+        generator = {"type": "template", "model": "template", "prompt": None}
+    generator.update(pairing=config.pairing, seed=config.seed)
+    return generator
+
+
+@dataclass
+class _Done:
+    """What the outputs already hold: pairs (by reference/target id), ids of records naming no pair, accepted keys."""
+
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    ids: set[str] = field(default_factory=set)
+    accepted: set[tuple[Any, str]] = field(default_factory=set)
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        return pair in self.pairs or pair_id(*pair) in self.ids
+
+
+def _scan_outputs(out: Path, rej: Path, generator: dict[str, Any]) -> _Done:
+    """Read both outputs once: refuse another generator's records, collect what is done.
+
+    Pairs are recognised by the ``reference_id``/``target_id`` fields every record carries,
+    not by parsing ids: ids written before :func:`~cirkit.records.triplet_id` escaped ``__``
+    were ambiguous, and this way outputs of either scheme resume. A torn last line (a crash
+    mid-write) is passed over here and cut when the output is opened for appending.
+    """
+    done = _Done()
+    for path in (out, rej):
+        for n, (lineno, obj) in enumerate(iter_complete(path)):
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, "expected a JSON object")
-            prev = obj.get("generator") or {}
-            for key in ("type", "model", "prompt", "pairing"):
-                if key in prev and prev.get(key) != generator.get(key):
-                    raise CirkitError(
-                        f"{path}:{lineno}: written with {key} {prev.get(key)!r}, not {generator.get(key)!r}; "
-                        f"write to a new -o file (or delete it and its .rejected.jsonl) instead of resuming"
-                    )
-            break
+            if n == 0:
+                _check_same_generator(path, lineno, obj, generator)
+            ref_id, tgt_id = obj.get("reference_id"), obj.get("target_id")
+            if isinstance(ref_id, str) and isinstance(tgt_id, str):
+                done.pairs.add((ref_id, tgt_id))
+            elif "id" in obj:  # a record without them (made by hand): known by its id only
+                done.ids.add(str(obj["id"]))
+            if path is out and isinstance(obj.get("instruction"), str):
+                done.accepted.add((obj.get("reference"), normalize(obj["instruction"])))
+    return done
+
+
+def _check_same_generator(path: Path, lineno: int, obj: dict[str, Any], generator: dict[str, Any]) -> None:
+    """Refuse to resume outputs written by another generator: the union would be inconsistent."""
+    prev = obj.get("generator") or {}
+    if not isinstance(prev, dict):
+        raise RecordError(path, lineno, f"expected an object, got {prev!r:.60}", "generator")
+    for key in ("type", "model", "prompt", "pairing"):
+        if key in prev and prev.get(key) != generator.get(key):
+            raise CirkitError(
+                f"{path}:{lineno}: written with {key} {prev.get(key)!r}, not {generator.get(key)!r}; "
+                f"write to a new -o file (or delete it and its .rejected.jsonl) instead of resuming"
+            )
+
+
+def plan_path(output: Path) -> Path:
+    """Where ``--pairing similar`` keeps the pairs it drew: a hidden file beside the output."""
+    return output.with_name(f".{output.name}.pairs.json")
+
+
+def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> list[tuple[int, int]]:
+    """The run's pairs. ``similar`` needs a text embedding model; the pairs it drew are kept beside
+    the output, keyed by everything they depend on, so a re-run (after a crash, or with nothing
+    left to do) neither loads that model nor embeds the captions again."""
+    if config.pairing != "similar":
+        return sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
+                            config.group_field)
+    import hashlib
+
+    from cirkit.io.atomic import atomic_write_json
+    from cirkit.io.jsonl import read_json
+
+    embed_model = config.embed_model
+    if embed_model is None:
+        from cirkit.text_embed import default_model_folder
+
+        embed_model = default_model_folder()  # locates it, loads nothing
+    key = hashlib.sha256(json.dumps({
+        "captions": [[c.id, c.caption] for c in caps], "embed_model": embed_model, "count": config.count,
+        "seed": config.seed, "max_pairs_per_image": config.max_pairs_per_image, "min_sim": config.min_sim,
+        "max_sim": config.max_sim}, ensure_ascii=False).encode("utf-8")).hexdigest()
+    plan, index = plan_path(out), {c.id: n for n, c in enumerate(caps)}
+    try:
+        saved = read_json(plan) if plan.is_file() else None
+    except CirkitError:
+        saved = None  # ours and unreadable (a disk problem): drawn again below
+    if isinstance(saved, dict) and saved.get("key") == key:
+        return [(index[r], index[t]) for r, t in saved["pairs"]]
+    from cirkit.text_embed import TextEmbedder
+
+    vectors = TextEmbedder(embed_model, config.device, config.trust_remote_code).encode([c.caption for c in caps])
+    pairs = sample_pairs(caps, "similar", config.count, config.seed, config.max_pairs_per_image,
+                         config.group_field, vectors, config.min_sim, config.max_sim)
+    atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
+    return pairs
+
+
+def _no_pairs(config: ReformulateConfig, captions_path: Path) -> CirkitError:
+    return CirkitError(
+        f"{captions_path}: no pairs could be drawn with --pairing {config.pairing}"
+        + (" (no two images share a group; set --group-field)" if config.pairing == "same-group" else "")
+        + (f" (no caption pair has a similarity in [{config.min_sim}, {config.max_sim}])"
+           if config.pairing == "similar" else "")
+    )
+
+
+class _Instructions:
+    """Raw instructions for batches of pairs: the template diff, or the LLM (loaded on first use)."""
+
+    def __init__(self, config: ReformulateConfig, settings: Any, p: _Prompting, caps: list[Caption]):
+        self.config, self.settings, self.p, self.caps = config, settings, p, caps
+        self.lm: Any = None
+        self.prefix: str | None = None
+
+    def __call__(self, batch: list[tuple[int, int]]) -> list[str]:
+        caps = self.caps
+        if self.config.generator != "llm":
+            return [template_instruction(caps[i].caption, caps[j].caption) or "" for i, j in batch]
+        from cirkit.generation import chat_prompt, generate_texts, load_causal_lm, shared_prefix
+
+        if self.lm is None:
+            c = self.config
+            self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code,
+                                     engine=c.engine)
+            # system + examples: prefilled once, reused by every batch
+            self.prefix = shared_prefix(self.lm.tokenizer, self.p.system, self.p.examples, self.p.prompt)
+        prompts = [chat_prompt(self.lm.tokenizer, self.p.prompt.format(reference=caps[i].caption.strip(),
+                                                                       target=caps[j].caption.strip()),
+                               self.p.system, self.p.examples)
+                   for i, j in batch]
+        return generate_texts(self.lm, prompts, self.settings, self.prefix)
 
 
 def run(config: ReformulateConfig) -> StageResult:
-    """Pair captions, generate instructions, filter them and append triplets (resumable)."""
+    """Pair captions, generate instructions, filter them and append triplets (resumable).
+
+    Holds the output's and its ``.rejected.jsonl``'s single-writer locks for the run (``wait``:
+    queue behind another writer). What is already done is read before any model is loaded.
+    """
     from cirkit.generation import GenerationSettings
 
     config.validate()
     result = StageResult("reformulate")
     settings = GenerationSettings.from_config(config)
     settings.validate()
-    captions_path = Path(config.captions)
-    out = Path(config.output)
+    captions_path, out = Path(config.captions), Path(config.output)
     rej = rejected_path(out)
-    with timed(result):
+    for path in (out, rej):  # before their lock files are made beside them
+        check_file_output(path)
+        check_not_input(path, captions_path)
+    check_output_kind(out, Triplet)  # before its ids count as done
+    wait = bool(config.wait)
+    with timed(result), output_lock(out, wait, "triplets file"), output_lock(rej, wait, "rejected-triplets file"):
         caps = _load_captions(captions_path)
-        vectors = None
-        if config.pairing == "similar":
-            from cirkit.text_embed import TextEmbedder
-
-            embedder = TextEmbedder(config.embed_model, config.device, config.trust_remote_code)
-            vectors = embedder.encode([c.caption for c in caps])
-        pairs = sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
-                             config.group_field, vectors, config.min_sim, config.max_sim)
+        p = _Prompting.from_config(config)
+        generator = _generator_record(config, settings, p)
+        done = _scan_outputs(out, rej, generator)
+        pairs = _draw_pairs(config, caps, out)
         result.counts["pairs"] = len(pairs)
         if not pairs:
-            raise CirkitError(
-                f"{captions_path}: no pairs could be drawn with --pairing {config.pairing}"
-                + (" (no two images share a group; set --group-field)" if config.pairing == "same-group" else "")
-                + (f" (no caption pair has a similarity in [{config.min_sim}, {config.max_sim}])"
-                   if config.pairing == "similar" else "")
-            )
+            raise _no_pairs(config, captions_path)
         if len(pairs) < config.count:
             log.warning("only %d of the %d requested pairs exist under these settings", len(pairs), config.count)
-
-        prompt = config.prompt or DEFAULT_PROMPT
-        system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
-        examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
-            if config.prompt is None else []
-        src_dir, out_dir = captions_path.parent, out.parent.resolve()
+        todo = [(i, j) for i, j in pairs if (caps[i].id, caps[j].id) not in done]
+        result.counts["already_done"] = len(pairs) - len(todo)
         counts = {"generated": 0, "written": 0, **{f"rejected_{f}": 0 for f in FILTERS}}
-        with JsonlAppender(out) as writer, JsonlAppender(rej) as rejected:
-            todo = [(i, j) for i, j in pairs
-                    if pair_id(caps[i].id, caps[j].id) not in writer and pair_id(caps[i].id, caps[j].id) not in rejected]
-            result.counts["already_done"] = len(pairs) - len(todo)
-            lm = None
-            if config.generator == "llm":
-                from cirkit.generation import causal_lm_ref, load_causal_lm
-
-                _, gguf_file, name = causal_lm_ref(config.model, config.gguf_file)
-                generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
-                             "prompt": prompt, "system": system,
-                             "examples": [list(e) for e in DEFAULT_EXAMPLES] if examples else [],
-                             "settings": settings.to_dict()}
-            else:
-                generator = {"type": "template", "model": "template", "prompt": None}
-            generator.update(pairing=config.pairing, seed=config.seed)
-            _check_same_generator([out, rej], generator)
-            if config.generator == "llm" and todo:  # nothing left to write: no model to load
-                lm = load_causal_lm(config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code,
-                                    engine=config.engine)
-            accepted = set()
-            for lineno, obj in read_jsonl(out) if out.stat().st_size else ():
-                if not isinstance(obj, dict):
-                    raise RecordError(out, lineno, "expected a JSON object")
-                accepted.add((obj.get("reference"), normalize(obj.get("instruction", ""))))
-
-            prefix = None
-
-            def texts_for(batch):
-                if lm is None:
-                    return [template_instruction(caps[i].caption, caps[j].caption) or "" for i, j in batch]
-                from cirkit.generation import chat_prompt, generate_texts, shared_prefix
-
-                nonlocal prefix
-                if prefix is None:  # system + examples: prefilled once, reused by every batch
-                    prefix = shared_prefix(lm.tokenizer, system, examples, prompt)
-
-                prompts = [chat_prompt(lm.tokenizer, prompt.format(reference=caps[i].caption.strip(),
-                                                                   target=caps[j].caption.strip()),
-                                       system, examples)
-                           for i, j in batch]
-                return generate_texts(lm, prompts, settings, prefix)
-
-            if lm is not None:  # similar lengths in a batch waste less compute on padding
-                todo.sort(key=lambda p: len(caps[p[0]].caption) + len(caps[p[1]].caption))
-            rate = Rate("pair")
-            bs = config.batch_size if lm is not None else 256
-            with make_progress() as progress:
-                task = progress.add_task("reformulating", total=len(todo), rate="")
-                for start in range(0, len(todo), bs):
-                    batch = todo[start : start + bs]
-                    raw = texts_for(batch)
-                    for (i, j), text in zip(batch, raw, strict=True):
-                        ref, tgt = caps[i], caps[j]
-                        counts["generated"] += 1
-                        instruction = clean_output(text)
-                        reason = check(instruction, ref.caption, tgt.caption, config.max_words)
-                        ref_img = relative_path(resolve_path(ref.image, src_dir), out_dir)
-                        key = (ref_img, normalize(instruction))
-                        if reason is None and key in accepted:
-                            reason = "duplicate"
-                        tid = pair_id(ref.id, tgt.id)
-                        if reason is not None:
-                            counts[f"rejected_{reason}"] += 1
-                            rejected.write({"id": tid, "reference_id": ref.id, "target_id": tgt.id, "reason": reason,
-                                            "output": text, "instruction": instruction,
-                                            "reference_caption": ref.caption, "target_caption": tgt.caption,
-                                            "generator": generator})
-                            continue
-                        accepted.add(key)
-                        writer.write(Triplet(
-                            id=tid, reference=ref_img, instruction=instruction,
-                            target=relative_path(resolve_path(tgt.image, src_dir), out_dir),
-                            reference_caption=ref.caption, target_caption=tgt.caption, source=f"reformulate-{config.generator}",
-                            generator=generator, extra={"reference_id": ref.id, "target_id": tgt.id},
-                        ))
-                        counts["written"] += 1
-                    progress.update(task, advance=len(batch), rate=rate.add(len(batch)))
+        if todo:
+            with JsonlAppender(out) as writer, JsonlAppender(rej) as rejected:
+                _generate(config, caps, todo, _Instructions(config, settings, p, caps), done, writer, rejected,
+                          generator, captions_path.parent, out.parent.resolve(), counts)
+                for name, w in (("output", writer), ("rejected", rejected)):
+                    if w.duplicates:
+                        result.counts[f"duplicate_ids_in_{name}"] = len(w.duplicates)
+        else:
+            result.details["nothing_to_do"] = True
+            log.info("%s: nothing to do: all %d pairs are already written or rejected", out, len(pairs))
         result.counts.update(counts)
         result.metrics["pass_rate"] = round(counts["written"] / counts["generated"], 4) if counts["generated"] else None
         result.details["generator"] = generator
         result.outputs = {"triplets": str(out), "rejected": str(rej)}
     return result
+
+
+def _write_once(writer: JsonlAppender, record: Triplet | dict[str, Any]) -> None:
+    """Append a record whose pair is not in the outputs; its id already being there is a collision."""
+    if not writer.write(record):
+        rid = record.id if isinstance(record, Triplet) else record["id"]
+        raise CirkitError(
+            f"{writer.path}: the id {rid!r} of a new pair is already used by another pair's record "
+            "(written before ids were escaped); write to a new -o file"
+        )
+
+
+def _generate(config: ReformulateConfig, caps: list[Caption], todo: list[tuple[int, int]], instructions: _Instructions,
+              done: _Done, writer: JsonlAppender, rejected: JsonlAppender, generator: dict[str, Any],
+              src_dir: Path, out_dir: Path, counts: dict[str, int]) -> None:
+    """Generate, filter and append every pair of ``todo``, adding to ``counts`` as records are written."""
+    llm = config.generator == "llm"
+    if llm:  # similar lengths in a batch waste less compute on padding
+        todo = sorted(todo, key=lambda p: len(caps[p[0]].caption) + len(caps[p[1]].caption))
+    rate = Rate("pair")
+    bs = config.batch_size if llm else 256
+    with make_progress() as progress:
+        task = progress.add_task("reformulating", total=len(todo), rate="")
+        for start in range(0, len(todo), bs):
+            batch = todo[start : start + bs]
+            for (i, j), text in zip(batch, instructions(batch), strict=True):
+                ref, tgt = caps[i], caps[j]
+                counts["generated"] += 1
+                instruction = clean_output(text)
+                reason = check(instruction, ref.caption, tgt.caption, config.max_words)
+                ref_img = relative_path(resolve_path(ref.image, src_dir), out_dir)
+                key = (ref_img, normalize(instruction))
+                if reason is None and key in done.accepted:
+                    reason = "duplicate"
+                tid = pair_id(ref.id, tgt.id)
+                if reason is not None:
+                    counts[f"rejected_{reason}"] += 1
+                    _write_once(rejected, {"id": tid, "reference_id": ref.id, "target_id": tgt.id, "reason": reason,
+                                           "output": text, "instruction": instruction,
+                                           "reference_caption": ref.caption, "target_caption": tgt.caption,
+                                           "generator": generator})
+                    continue
+                done.accepted.add(key)
+                _write_once(writer, Triplet(
+                    id=tid, reference=ref_img, instruction=instruction,
+                    target=relative_path(resolve_path(tgt.image, src_dir), out_dir),
+                    reference_caption=ref.caption, target_caption=tgt.caption, source=f"reformulate-{config.generator}",
+                    generator=generator, extra={"reference_id": ref.id, "target_id": tgt.id},
+                ))
+                counts["written"] += 1
+            progress.update(task, advance=len(batch), rate=rate.add(len(batch)))

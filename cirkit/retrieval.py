@@ -1,4 +1,8 @@
-"""Exact top-k retrieval by chunked matrix products on torch (used by evaluate, index, query).
+"""Exact top-k retrieval by chunked matrix products on torch: the one exact ranking in cirkit.
+
+``evaluate`` ranks benchmark galleries with it, and the exact search of an index
+(:meth:`cirkit.search.VectorCache.search`, behind ``query``) ranks the index's
+memory-mapped vectors with it, so both break ties the same way.
 
 Scores are dot products of L2-normalised vectors (cosine). Equal scores are broken by
 gallery position (lower index first), whatever the chunk sizes. Note that BLAS may round
@@ -9,6 +13,7 @@ when their scores come out bit-identical.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +22,12 @@ import torch
 
 def _as_tensor(x) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        if not x.flags.writeable:  # a read-only memory map: shared, never written through
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.from_numpy(x)
+        else:
+            x = torch.from_numpy(x)
     return x.float().contiguous()
 
 
@@ -42,6 +52,8 @@ def topk(
     k = min(k, m)
     out_idx = torch.empty(n, k, dtype=torch.long)
     out_val = torch.empty(n, k, dtype=torch.float32)
+    if k <= 0:
+        return out_idx, out_val
     for s in range(0, n, chunk_size):
         qs = q[s : s + chunk_size]
         best_val = best_idx = None

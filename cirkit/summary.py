@@ -98,3 +98,29 @@ class Rate:
         self.n += n
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return f"{self.n / dt:.1f} {self.unit}/s"
+
+
+class Timer:
+    """Wall-clock seconds per named section, summed over repeats (``with timer("search"): ...``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def line(self) -> str:
+        """``open index 12.0 ms, search 1.31 s``: milliseconds under a second."""
+
+        def fmt(s: float) -> str:
+            return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+        return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in self.seconds.items())
+
+    def rounded(self, digits: int = 4) -> dict[str, float]:
+        return {k: round(v, digits) for k, v in self.seconds.items()}

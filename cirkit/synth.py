@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cirkit.config import check_settings, setting, wait_setting
 from cirkit.errors import CirkitError
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
@@ -284,15 +285,23 @@ def apply_edit(scene: Scene, edit: Edit) -> Scene:
 class SynthConfig:
     """Settings of ``cirkit synth``; sizes are per split where they concern the benchmark."""
 
-    out: Path
-    seed: int = 0
-    train_triplets: int = 2000
-    test_queries: int = 200
-    distractors: int = 200
-    image_size: int = 64
-    max_objects: int = 3
-    held_out: tuple[str, ...] | list[str] = DEFAULT_HELD_OUT
-    overwrite: bool = False
+    out: Path = setting(positional=True, metavar="OUT", flag="--output", short="-o",
+                        help="Output folder; must be new or empty unless --overwrite.")
+    seed: int = setting(0, help="Random seed; same seed, same bytes.")
+    train_triplets: int = setting(2000, ge=0, help="Training triplets to generate.")
+    test_queries: int = setting(200, ge=0, help="Queries per benchmark split (test, compositional).")
+    distractors: int = setting(200, ge=0, help="Extra random gallery images per split.")
+    image_size: int = setting(64, ge=16, le=1024, help="Image side in pixels.")
+    max_objects: int = setting(3, ge=2, le=3, help="Most objects in a scene (add/remove need room).")
+    held_out: tuple[str, ...] | list[str] = setting(
+        DEFAULT_HELD_OUT,
+        help="A 'COLOUR SHAPE' combination kept out of training for the compositional split; repeat or "
+        "comma-separate.")
+    overwrite: bool = setting(False, help="Replace OUT if it holds a previous synth output.")
+    wait: bool = wait_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def _a(word: str) -> str:
@@ -539,6 +548,20 @@ class _Split:
     gallery: dict[str, Scene] = field(default_factory=dict)
 
 
+def is_synth_output(folder: Path) -> bool:
+    """A folder ``cirkit synth`` wrote: its ownership marker, or (before markers) a synth ``benchmark/meta.json``.
+
+    The name in meta.json is checked: a user's own benchmark folder also has a meta.json.
+    """
+    from cirkit.io.atomic import read_marker, read_small_json
+
+    marker = read_marker(folder)
+    if marker is not None:
+        return marker.get("kind") == "synth"
+    meta = read_small_json(folder / "benchmark" / "meta.json")
+    return isinstance(meta, dict) and meta.get("name") == "synth" and (folder / "images").is_dir()
+
+
 def _check(config: SynthConfig) -> tuple[str, ...]:
     for name in ("train_triplets", "test_queries", "distractors"):
         if getattr(config, name) < 0:
@@ -558,9 +581,9 @@ def _check(config: SynthConfig) -> tuple[str, ...]:
     if out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
             raise CirkitError(f"{out}: folder exists and is not empty; pass --overwrite to replace it or choose another OUT")
-        if not (out / "benchmark" / "meta.json").is_file():
+        if not is_synth_output(out):
             raise CirkitError(
-                f"{out}: --overwrite only replaces a previous synth output (no benchmark/meta.json here); "
+                f"{out}: --overwrite only replaces a previous synth output (no synth marker or benchmark/meta.json here); "
                 "remove the folder yourself or choose another OUT"
             )
     return held
@@ -667,17 +690,115 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def run(config: SynthConfig) -> StageResult:
-    """Generate the synth benchmark into ``config.out`` (atomically: all or nothing)."""
+def _img(k: str, prefix: str = "") -> str:
+    return f"{prefix}images/{k}.png"
+
+
+def _render(folder: Path, scenes: dict[str, Scene], size: int, progress) -> None:
+    """Every scene as ``folder/images/<id>.png``."""
+    (folder / "images").mkdir()
+    rate = Rate("img")
+    ids = sorted(scenes)
+    task = progress.add_task("rendering", total=len(ids), rate="")
+    for n, k in enumerate(ids, 1):
+        (folder / "images" / f"{k}.png").write_bytes(png_bytes(scenes[k], size))
+        speed = rate.add(1)
+        if n % 64 == 0 or n == len(ids):
+            progress.update(task, completed=n, rate=speed)
+
+
+def _write_training(folder: Path, train_scenes: dict[str, Scene], scenes: dict[str, Scene],
+                    membership: dict[str, list[str]], triplets: list[dict[str, Any]]) -> int:
+    """captions.jsonl (training images), all_captions.jsonl (every image) and triplets.jsonl."""
+    from cirkit.records import Caption, Triplet
+
+    n_caps = _write_jsonl(folder / "captions.jsonl", (
+        Caption(id=k, image=_img(k), caption=train_scenes[k].caption(), model="synth").to_dict()
+        for k in sorted(train_scenes)
+    ))
+    _write_jsonl(folder / "all_captions.jsonl", (
+        Caption(id=k, image=_img(k), caption=scenes[k].caption(), model="synth",
+                extra={"scene": scenes[k].to_dict(), "splits": membership[k]}).to_dict()
+        for k in sorted(scenes)
+    ))
+    _write_jsonl(folder / "triplets.jsonl", (
+        Triplet(
+            id=f"synth-{i:06d}", reference=_img(t["ref"].image_id), instruction=t["text"],
+            target=_img(t["target"].image_id), reference_caption=t["ref"].caption(),
+            target_caption=t["target"].caption(), source="synth",
+            extra={"edit": t["edit"].type, "edit_args": t["edit"].to_dict()},
+        ).to_dict()
+        for i, t in enumerate(triplets)
+    ))
+    return n_caps
+
+
+def _write_split(folder: Path, sp) -> dict[str, int]:
+    """One benchmark split: gallery.jsonl and queries.jsonl (paths relative to the split folder)."""
+    from cirkit.records import GalleryItem, Query
+
+    folder.mkdir(parents=True)
+    _write_jsonl(folder / "gallery.jsonl", (
+        GalleryItem(id=k, image=_img(k, "../../")).to_dict() for k in sorted(sp.gallery)
+    ))
+    _write_jsonl(folder / "queries.jsonl", (
+        Query(
+            id=q["id"], reference=_img(q["ref"].image_id, "../../"), text=q["text"],
+            targets=[q["target"].image_id], reference_id=q["ref"].image_id,
+            extra={
+                "edit": q["edit"].type,
+                "edit_args": q["edit"].to_dict(),
+                "reference_caption": q["ref"].caption(),
+                "target_caption": q["target"].caption(),
+                "hard_negatives": q["hard_negatives"],
+            },
+        ).to_dict()
+        for q in sp.queries
+    ))
+    return {"queries": len(sp.queries), "gallery": len(sp.gallery)}
+
+
+def _meta(config: SynthConfig, held: tuple[str, ...], splits: list, counts: dict[str, Any]) -> dict[str, Any]:
+    """benchmark/meta.json: what was generated, how, and the protocol switches evaluate reads."""
     from cirkit import __version__
     from cirkit.config import to_jsonable
+
+    return {
+        "name": "synth",
+        "splits": [sp.name for sp in splits],
+        "seed": config.seed,
+        "held_out": list(held),
+        "exclude_reference": False,
+        "image_size": config.image_size,
+        "edit_types": list(EDIT_TYPES),
+        "shapes": list(SHAPES),
+        "colours": list(COLOURS),
+        "backgrounds": list(BACKGROUNDS),
+        "sizes": list(SIZES),
+        "positions": list(POSITIONS),
+        "counts": counts,
+        "notes": (
+            "The reference image is in each gallery and is NOT excluded when ranking "
+            "(exclude_reference false): returning the unedited reference is a failure. "
+            "Compositional targets each contain a held_out colour-shape combination that "
+            "appears in no training image; no test scene equals a training scene."
+        ),
+        "cirkit": __version__,
+        "config": {k: v for k, v in to_jsonable(config).items() if k not in ("out", "overwrite", "wait")}
+        | {"held_out": list(held)},
+    }
+
+
+def run(config: SynthConfig) -> StageResult:
+    """Generate the synth benchmark into ``config.out`` (atomically: all or nothing, one writer)."""
     from cirkit.io import atomic_dir
-    from cirkit.records import Caption, GalleryItem, Query, Triplet
+    from cirkit.io.lock import output_lock
 
     held = _check(config)
     result = StageResult("synth")
     out = Path(config.out)
-    with timed(result), make_progress() as progress:
+    with timed(result), output_lock(out, wait=config.wait, what="synth folder"), make_progress() as progress:
+        _check(config)  # again, under the lock: a run we queued behind (--wait) may have filled OUT
         task = progress.add_task("sampling", total=config.train_triplets + 2 * config.test_queries, rate="")
         triplets, train_scenes = _train(config, held, progress, task)
         train_keys = {s.key for s in train_scenes.values()}
@@ -686,92 +807,21 @@ def run(config: SynthConfig) -> StageResult:
         scenes: dict[str, Scene] = dict(train_scenes)
         membership: dict[str, list[str]] = {k: ["train"] for k in train_scenes}
         for sp in splits:
-            for k, s in sp.gallery.items():
-                scenes[k] = s
+            for k, sc in sp.gallery.items():
+                scenes[k] = sc
                 membership.setdefault(k, []).append(sp.name)
-        ids = sorted(scenes)
 
-        with atomic_dir(out, "synth", lambda p: (p / "benchmark" / "meta.json").is_file()) as tmp:
-            (tmp / "images").mkdir()
-            rate = Rate("img")
-            rtask = progress.add_task("rendering", total=len(ids), rate="")
-            for n, k in enumerate(ids, 1):
-                (tmp / "images" / f"{k}.png").write_bytes(png_bytes(scenes[k], config.image_size))
-                speed = rate.add(1)
-                if n % 64 == 0 or n == len(ids):
-                    progress.update(rtask, completed=n, rate=speed)
-
-            def img(k: str, prefix: str = "") -> str:
-                return f"{prefix}images/{k}.png"
-
-            n_caps = _write_jsonl(tmp / "captions.jsonl", (
-                Caption(id=k, image=img(k), caption=train_scenes[k].caption(), model="synth").to_dict()
-                for k in sorted(train_scenes)
-            ))
-            _write_jsonl(tmp / "all_captions.jsonl", (
-                Caption(id=k, image=img(k), caption=scenes[k].caption(), model="synth",
-                        extra={"scene": scenes[k].to_dict(), "splits": membership[k]}).to_dict()
-                for k in ids
-            ))
-            _write_jsonl(tmp / "triplets.jsonl", (
-                Triplet(
-                    id=f"synth-{i:06d}", reference=img(t["ref"].image_id), instruction=t["text"],
-                    target=img(t["target"].image_id), reference_caption=t["ref"].caption(),
-                    target_caption=t["target"].caption(), source="synth",
-                    extra={"edit": t["edit"].type, "edit_args": t["edit"].to_dict()},
-                ).to_dict()
-                for i, t in enumerate(triplets)
-            ))
+        with atomic_dir(out, "synth", is_synth_output) as tmp:
+            _render(tmp, scenes, config.image_size, progress)
+            n_caps = _write_training(tmp, train_scenes, scenes, membership, triplets)
             bench = tmp / "benchmark"
-            counts_meta: dict[str, Any] = {}
-            for sp in splits:
-                folder = bench / sp.name
-                folder.mkdir(parents=True)
-                _write_jsonl(folder / "gallery.jsonl", (
-                    GalleryItem(id=k, image=img(k, "../../")).to_dict() for k in sorted(sp.gallery)
-                ))
-                _write_jsonl(folder / "queries.jsonl", (
-                    Query(
-                        id=q["id"], reference=img(q["ref"].image_id, "../../"), text=q["text"],
-                        targets=[q["target"].image_id], reference_id=q["ref"].image_id,
-                        extra={
-                            "edit": q["edit"].type,
-                            "edit_args": q["edit"].to_dict(),
-                            "reference_caption": q["ref"].caption(),
-                            "target_caption": q["target"].caption(),
-                            "hard_negatives": q["hard_negatives"],
-                        },
-                    ).to_dict()
-                    for q in sp.queries
-                ))
-                counts_meta[sp.name] = {"queries": len(sp.queries), "gallery": len(sp.gallery)}
-            meta = {
-                "name": "synth",
-                "splits": [sp.name for sp in splits],
-                "seed": config.seed,
-                "held_out": list(held),
-                "exclude_reference": False,
-                "image_size": config.image_size,
-                "edit_types": list(EDIT_TYPES),
-                "shapes": list(SHAPES),
-                "colours": list(COLOURS),
-                "backgrounds": list(BACKGROUNDS),
-                "sizes": list(SIZES),
-                "positions": list(POSITIONS),
-                "counts": {"images": len(ids), "train_triplets": len(triplets), "train_captions": n_caps, **counts_meta},
-                "notes": (
-                    "The reference image is in each gallery and is NOT excluded when ranking "
-                    "(exclude_reference false): returning the unedited reference is a failure. "
-                    "Compositional targets each contain a held_out colour-shape combination that "
-                    "appears in no training image; no test scene equals a training scene."
-                ),
-                "cirkit": __version__,
-                "config": {k: v for k, v in to_jsonable(config).items() if k not in ("out", "overwrite")} | {"held_out": list(held)},
-            }
+            split_counts = {sp.name: _write_split(bench / sp.name, sp) for sp in splits}
+            counts = {"images": len(scenes), "train_triplets": len(triplets), "train_captions": n_caps, **split_counts}
             bench.mkdir(exist_ok=True)
-            (bench / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (bench / "meta.json").write_text(json.dumps(_meta(config, held, splits, counts), indent=2,
+                                                        ensure_ascii=False) + "\n", encoding="utf-8")
 
-    result.counts = {"images": len(ids), "train_triplets": len(triplets), "train_captions": n_caps}
+    result.counts = {"images": len(scenes), "train_triplets": len(triplets), "train_captions": n_caps}
     for sp in splits:
         result.counts[f"{sp.name}_queries"] = len(sp.queries)
         result.counts[f"{sp.name}_gallery"] = len(sp.gallery)

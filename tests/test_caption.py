@@ -42,6 +42,7 @@ def cfg(images, out, model, **kw):
                          device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_llava_folder_run_skips_broken_and_records_settings(folder, llava, tmp_path):
     out = tmp_path / "out" / "captions.jsonl"
     r = run(cfg(folder, out, llava, prompt="describe the image"))
@@ -65,6 +66,7 @@ def test_default_prompt_for_chat_models(folder, llava, tmp_path):
     assert {c.prompt for c in read_records(out, Caption)} == {DEFAULT_PROMPT}
 
 
+@pytest.mark.slow
 def test_resume_writes_each_id_once(folder, llava, tmp_path):
     out = tmp_path / "c.jsonl"
     run(cfg(folder, out, llava, limit=3))
@@ -82,6 +84,7 @@ def test_resume_writes_each_id_once(folder, llava, tmp_path):
         run(cfg(folder, out, llava, prompt="another prompt"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_during_the_first_write(folder, llava, tmp_path):
     out = tmp_path / "c.jsonl"
     out.write_bytes(b'{"id": "bags/im0", "ima')  # killed before the first line was complete
@@ -187,3 +190,128 @@ def test_cli_import_json_summary(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["counts"]["imported"] == 1
     res = CliRunner().invoke(app, ["caption", "-o", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 1
+
+
+# -- nothing to do: no model is loaded --------------------------------------------------------------
+def _no_load(*a, **k):
+    raise AssertionError("a captioning model was loaded for a run with nothing to caption")
+
+
+def test_a_finished_run_reruns_without_loading_the_model(folder, llava, tmp_path, monkeypatch):
+    import cirkit.generation as gen
+
+    out = tmp_path / "c.jsonl"
+    first = run(cfg(folder, out, llava))
+    assert "nothing_to_do" not in first.details and first.counts["captioned"] == len(COLOURS)
+    before = out.read_bytes()
+    monkeypatch.setattr(gen, "load_captioner", _no_load)
+    again = run(cfg(folder, out, llava))
+    assert again.details["nothing_to_do"] and again.counts["captioned"] == 0
+    assert again.counts["already_done"] == len(COLOURS) and [s[0] for s in again.skipped] == ["bags/broken"]
+    assert out.read_bytes() == before
+
+
+def test_no_op_rerun_through_the_cli_with_the_model_gone(folder, llava, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(llava, model)
+    out = tmp_path / "c.jsonl"
+    run(cfg(folder, out, str(model)))
+    shutil.rmtree(model)  # loading it now would fail
+    from cirkit.cli import app
+
+    res = CliRunner().invoke(app, ["-q", "caption", str(folder), "-o", str(out), "-m", str(model), "--device", "cpu",
+                                   "--num-workers", "0", "--max-new-tokens", "4", "--batch-size", "2", "--json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["details"]["nothing_to_do"] is True and summary["counts"]["captioned"] == 0
+
+
+# -- names, paths and inputs that go wrong -----------------------------------------------------------
+def test_non_utf8_file_names_are_skipped_named_and_do_not_block_reruns(folder, llava, tmp_path, monkeypatch):
+    import os
+
+    import cirkit.generation as gen
+
+    bad = folder / "shoes" / os.fsdecode(b"caf\xe9.png")
+    try:
+        Image.new("RGB", (8, 8), "red").save(bad)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    out = tmp_path / "c.jsonl"
+    r = run(cfg(folder, out, llava))
+    assert r.counts["captioned"] == len(COLOURS)
+    reasons = dict(r.skipped)
+    assert "not valid UTF-8" in reasons[f"{folder}/shoes/caf\\xe9.png"]
+    out.read_text(encoding="utf-8")  # the output stays UTF-8
+    monkeypatch.setattr(gen, "load_captioner", _no_load)
+    again = run(cfg(folder, out, llava))  # the same file again: skipped again, nothing loaded
+    assert again.details["nothing_to_do"] and f"{folder}/shoes/caf\\xe9.png" in dict(again.skipped)
+
+
+def test_an_image_that_vanishes_after_listing_is_a_counted_skip(folder, llava, tmp_path, monkeypatch):
+    import cirkit.caption as caption_mod
+
+    real = caption_mod.list_images
+
+    def listing_then_delete(images, skipped=None):
+        items = real(images, skipped)
+        (folder / "shoes" / "im1.png").unlink()
+        return items
+
+    monkeypatch.setattr(caption_mod, "list_images", listing_then_delete)
+    r = run(cfg(folder, tmp_path / "c.jsonl", llava))
+    assert dict(r.skipped)["shoes/im1"] == "no such file"
+    assert r.counts["captioned"] == len(COLOURS) - 1
+
+
+def test_output_equal_to_an_input_is_refused_before_work(folder, tmp_path):
+    gallery = folder / "gallery.jsonl"
+    gallery.write_text(json.dumps({"id": "g1", "image": "shoes/im1.png"}) + "\n")
+    before = gallery.read_bytes()
+    with pytest.raises(CirkitError, match="gallery.jsonl: is also an input of this run"):
+        run(cfg(gallery, gallery, "/no/model/needed"))
+    with pytest.raises(CirkitError, match="gallery.jsonl: is also an input of this run"):
+        import_captions(gallery, folder / "." / "gallery.jsonl")
+    assert gallery.read_bytes() == before
+
+
+def test_wrong_kinds_of_input_and_output_are_one_line(folder, tmp_path):
+    with pytest.raises(CirkitError, match=r"im1.png: is an image; give the folder that holds it"):
+        run(cfg(folder / "shoes" / "im1.png", tmp_path / "c.jsonl", "/no/model"))
+    with pytest.raises(CirkitError, match="is a folder; --from takes a captions file"):
+        import_captions(folder, tmp_path / "c.jsonl")
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(CirkitError, match="out.jsonl: is a folder, but a file is written here; choose a file path"):
+        run(cfg(folder, tmp_path / "out.jsonl", "/no/model"))
+    gallery = folder / "gallery.jsonl"
+    gallery.write_text(json.dumps({"id": "g1", "image": {"path": "x.png"}}) + "\n")
+    with pytest.raises(CirkitError, match=r"gallery.jsonl:1: field 'image': expected a non-empty string"):
+        run(cfg(gallery, tmp_path / "c.jsonl", "/no/model"))
+
+
+def test_merge_touches_only_rank_parts_and_never_drops_a_bad_line(tmp_path):
+    from cirkit.errors import RecordError
+
+    out = tmp_path / "c.jsonl"
+    rec = lambda k: json.dumps({"id": k, "image": f"{k}.png", "caption": k}) + "\n"  # noqa: E731
+    mine = tmp_path / "c.jsonl.part-backup"  # a user's file that merely looks like a part
+    mine.write_text(rec("u"))
+    part_path(out, 0).write_text(rec("a"))
+    assert merge_parts(out) == 1 and mine.read_text() == rec("u")
+    part_path(out, 1).write_text(rec("b") + "[1, 2]\n")
+    with pytest.raises(RecordError, match=r"c.jsonl.part-1:2: expected a JSON object with an 'id'"):
+        merge_parts(out)
+    assert part_path(out, 1).exists()  # kept until every line can be moved
+
+
+def test_an_output_under_a_file_is_one_line(folder, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder"):
+        run(cfg(folder, tmp_path / "notes.txt" / "a" / "c.jsonl", "/no/model"))
+    src = tmp_path / "caps.jsonl"
+    src.write_text(json.dumps({"id": "i", "image": "i.png", "caption": "x"}) + "\n")
+    with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder"):
+        run(CaptionConfig(from_file=src, output=tmp_path / "notes.txt" / "a" / "c.jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.jsonl", "notes.txt", "photos"]

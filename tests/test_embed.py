@@ -76,6 +76,7 @@ def test_cli_with_a_vit_checkpoint(photos, tmp_path):
     assert res.exit_code == 1 and "write to a new file" in res.output
 
 
+@pytest.mark.slow
 def test_index_remembers_where_its_model_lives(photos, tmp_path, monkeypatch):
     """embed -> index -> query with no --model loads the checkpoint recorded in the index,
     from any working directory; re-saving the same weights keeps the checkpoint identity."""

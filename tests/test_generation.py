@@ -42,6 +42,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_one_at_a_time(tiny_lm):
     assert tiny_lm.tokenizer.padding_side == "left"
     prompts = [chat_prompt(tiny_lm.tokenizer, p, "system") for p in PROMPTS]
@@ -52,6 +53,7 @@ def test_left_padded_batch_equals_one_at_a_time(tiny_lm):
     assert len(set(batched)) > 1  # the random model is not degenerate, so the check means something
 
 
+@pytest.mark.slow
 def test_shared_prefix_cache_changes_nothing(tiny_lm):
     from cirkit.generation import shared_prefix
 
@@ -96,6 +98,7 @@ def test_chat_prompt_with_example_turns(tiny_lm):
     assert text.count("<|im_start|> user") == 2 and text.count("<|im_start|> assistant") == 2
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(tiny_lm):
     prompts = [chat_prompt(tiny_lm.tokenizer, p) for p in PROMPTS]
     s = GenerationSettings(max_new_tokens=6, temperature=1.5, top_p=0.9, seed=3)
@@ -152,6 +155,7 @@ def test_prepare_for_batching_pads_with_eos_or_fails_when_padding_is_needed():
         _prepare_for_batching(model, tok)
 
 
+@pytest.mark.slow
 def test_text_only_model_cannot_caption(tmp_path):
     folder = build_tiny_causal_lm(tmp_path / "lm")
     with pytest.raises(CirkitError, match="cannot caption images"):
@@ -166,6 +170,7 @@ def test_gguf_reference_forms(tmp_path):
     assert split_model_ref("org/repo", "x.gguf") == ("org/repo", "x.gguf")
 
 
+@pytest.mark.slow
 def test_llava_batch_equals_single_and_is_chat(tiny_llava):
     assert tiny_llava.chat
     imgs = [Image.new("RGB", (40, 50), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ def gallery(tmp_path_factory):
     from cirkit.encode import encode_images
     from cirkit.index import IndexConfig, run
     from cirkit.io.embeddings import EmbeddingStore
-    from cirkit.records import EmbeddingManifest
 
     root = tmp_path_factory.mktemp("gallery")
     (root / "images").mkdir()
@@ -42,7 +42,7 @@ def gallery(tmp_path_factory):
         items.append((name, p))
     bb = load_backbone(BackboneSpec(backbone="fake", model="fake"))
     enc = encode_images(bb, items, num_workers=0)
-    store = EmbeddingStore.open_for_append(root / "gallery.lance", EmbeddingManifest.from_dict(bb.manifest()))
+    store = EmbeddingStore.open_for_append(root / "gallery.lance", bb.manifest())
     store.append(enc.ids, [f"images/{k}.png" for k in enc.ids], enc.vectors.numpy())
     meta = root / "meta.jsonl"
     warm = {"red", "yellow", "orange", "pink"}
@@ -81,14 +81,14 @@ def test_text_only_and_where(gallery):
 
 
 def test_table_output_and_timing_line(gallery):
-    res = invoke("query", gallery / "images" / "green.png", "turn it yellow", "-i", gallery / "idx", "--backbone", "fake")
+    res = invoke("query", gallery / "images" / "green.png", "turn it yellow", "--index", gallery / "idx", "--backbone", "fake")
     assert res.exit_code == 0, res.output
     assert "yellow" in res.stdout and "rank" in res.stdout
     assert "model load" in res.output and "search" in res.output
 
 
 def test_default_model_is_the_indexs(gallery):
-    res = invoke("query", gallery / "images" / "blue.png", "make it red", "-i", gallery / "idx", "--json")
+    res = invoke("query", gallery / "images" / "blue.png", "make it red", "--index", gallery / "idx", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["details"]["hits"][0]["id"] == "red"
 
@@ -102,16 +102,16 @@ def test_query_with_another_model_is_refused(gallery, tmp_path):
     store = EmbeddingStore.open_for_append(tmp_path / "o.lance", m)
     store.append(["a"], ["a.png"], np.eye(1, 32, dtype=np.float32))
     run(IndexConfig(embeddings=tmp_path / "o.lance", output=str(tmp_path / "idx")))
-    res = invoke("query", "--text", "red", "-i", tmp_path / "idx", "--backbone", "fake")
+    res = invoke("query", "--text", "red", "--index", tmp_path / "idx", "--backbone", "fake")
     assert res.exit_code == 1
     msg = " ".join(res.output.split())
     assert "clip ViT-B-32@openai (dim 32)" in msg and "fake fake (dim 32)" in msg
 
 
 def test_user_errors_exit_1(gallery, tmp_path):
-    res = invoke("query", "--text", "red", "-i", tmp_path / "nothing", "--backbone", "fake")
+    res = invoke("query", "--text", "red", "--index", tmp_path / "nothing", "--backbone", "fake")
     assert res.exit_code == 1 and "cirkit index" in res.output
-    res = invoke("query", tmp_path / "missing.png", "-i", gallery / "idx", "--backbone", "fake")
+    res = invoke("query", tmp_path / "missing.png", "--index", gallery / "idx", "--backbone", "fake")
     assert res.exit_code == 1 and "no such file" in res.output
 
 
@@ -204,3 +204,69 @@ def q_at(index: Path, *args) -> dict:
     res = invoke("query", *args, "--index", index, "--backbone", "fake", "--json")
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_json_carries_metadata_columns_and_echoes_where(gallery):
+    out = q(gallery, "--text", "something blue", "-k", "2", "--where", "warm = true")
+    d = out["details"]
+    assert d["where"] == "warm = true" and d["columns"] == ["warm"] and d["table"] == "images"
+    assert all(h["metadata"] == {"warm": True} for h in d["hits"])
+    assert d["model"]["backbone"] == "fake" and d["query"] == {"reference": None, "text": "something blue"}
+
+
+def test_table_shows_metadata_columns(gallery):
+    res = invoke("query", "--text", "red", "-k", "2", "--index", gallery / "idx", "--backbone", "fake")
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.stdout.splitlines() if "rank" in line)
+    assert "warm" in header and "True" in res.stdout
+
+
+def test_python_api_answers_with_typed_records(gallery):
+    from cirkit.query import QueryConfig, QueryResult, run
+    from cirkit.records import Hit, Result
+
+    r = run(QueryConfig(text="make it red", index=str(gallery / "idx"), backbone="fake", model="fake", k=3))
+    assert isinstance(r, QueryResult) and r.single and len(r.answers) == 1
+    answer = r.answers[0]
+    assert isinstance(answer, Result) and all(isinstance(h, Hit) for h in answer.hits)
+    assert r.hits == answer.hits and answer.hits[0].id == "red" and answer.hits[0].metadata == {"warm": True}
+    assert r.model.backbone == "fake" and "hits" not in r.details  # dicts only at the JSON boundary
+    assert r.to_dict()["details"]["hits"][0] == answer.hits[0].to_dict()
+
+
+def test_html_carries_metadata(gallery, tmp_path):
+    out = tmp_path / "m.html"
+    q(gallery, "--text", "red", "-k", "2", "--html", out)
+    assert "warm: True" in out.read_text()
+
+
+def test_batch_results_hold_absolute_references_and_metadata(gallery, tmp_path):
+    (tmp_path / "qs").mkdir()
+    qf = tmp_path / "qs" / "queries.jsonl"
+    shutil.copy(gallery / "images" / "blue.png", tmp_path / "qs" / "ref.png")
+    qf.write_text(json.dumps({"id": "q1", "reference": "ref.png", "text": "make it red"}) + "\n")
+    res_file = tmp_path / "elsewhere" / "results.jsonl"
+    q(gallery, "--batch", qf, "-o", res_file, "-k", "2")
+    rec = json.loads(res_file.read_text())
+    assert Path(rec["reference"]) == (tmp_path / "qs" / "ref.png").resolve()
+    assert rec["hits"][0]["id"] == "red" and rec["hits"][0]["metadata"] == {"warm": True}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch", "Q", "-o", "Q"), "--output would overwrite --batch"),
+    (("--batch", "Q", "--html", "Q"), "--html would overwrite --batch"),
+    (("--text", "red", "--html", "S", "--grid", "S"), "--grid would overwrite --html"),
+    (("--text", "red", "--nprobes", "-1"), "--nprobes must be at least 1, got -1"),
+    (("--text", "red", "--refine-factor", "-3"), "--refine-factor must be at least 1, got -3"),
+    (("--text", "red", "--search", "fast"), "unknown --search 'fast'; choose one of auto, exact, ann"),
+    (("--text", "red", "--table", "../victim"), "--table '../victim' is not a plain name"),
+])
+def test_bad_settings_are_one_line_and_touch_nothing(gallery, tmp_path, args, message):
+    qf = tmp_path / "queries.jsonl"
+    qf.write_text(json.dumps({"id": "q1", "text": "red"}) + "\n")
+    before = qf.read_bytes()
+    sub = {"Q": str(qf), "S": str(tmp_path / "same.out")}
+    res = invoke("query", *[sub.get(a, a) for a in args], "--index", gallery / "idx", "--backbone", "fake")
+    assert res.exit_code == 1, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert qf.read_bytes() == before and not (tmp_path / "same.out").exists()

@@ -32,3 +32,28 @@ def test_roundtrip_drops_unset_optionals_keeps_required():
 def test_paths_resolve_relative_to_the_jsonl_folder(tmp_path):
     assert resolve_path("img/a.png", tmp_path / "data") == tmp_path / "data" / "img" / "a.png"
     assert resolve_path("/abs/a.png", tmp_path) == tmp_path.anchor / __import__("pathlib").Path("abs/a.png")
+
+
+def test_triplet_ids_cannot_collide():
+    import itertools
+
+    from cirkit.records import triplet_id
+
+    # the case: a + b__c and a__b + c were both "a__b__c"
+    assert triplet_id("a", "b__c") != triplet_id("a__b", "c")
+    assert triplet_id("a", "b__c") == "a__b%5F%5Fc" and triplet_id("a__b", "c") == "a%5F%5Fb__c"
+    # every pair of ids over an alphabet that stresses the separator and the escape
+    parts = ["".join(t) for n in range(4) for t in itertools.product("a_%5F", repeat=n)]
+    seen: dict[str, tuple[str, str]] = {}
+    for pair in itertools.product(parts, repeat=2):
+        tid = triplet_id(*pair)
+        assert seen.setdefault(tid, pair) == pair, (tid, seen[tid], pair)
+        assert tid.count("__") == 1 and "___" not in tid
+
+
+def test_triplet_ids_stay_readable():
+    from cirkit.records import triplet_id
+
+    assert triplet_id("shoes/im_001", "shoes/im_002") == "shoes/im_001__shoes/im_002"
+    assert triplet_id("q-1", "7") == "q-1__7"
+    assert triplet_id("_x", "y_") == "%5Fx__y%5F" and triplet_id("50%", "a") == "50%25__a"

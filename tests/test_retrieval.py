@@ -1,5 +1,6 @@
 """Exact chunked top-k: same answer as a full sort, deterministic ties, exclusions."""
 
+import numpy as np
 import torch
 
 from cirkit.retrieval import rank_of, topk
@@ -62,3 +63,12 @@ def test_rank_of_pessimistic_and_optimistic():
     assert rank_of(s, 0) == 3
     assert rank_of(s, 0, pessimistic=False) == 2
     assert rank_of(torch.zeros(15), 0) == 15
+
+
+def test_ties_broken_by_position_for_one_query():
+    """The rule the index's exact search relies on (it ranks with this same topk)."""
+    s = np.array([0.5, 0.9, 0.5, 0.9, 0.1, 0.5], np.float32)
+    g = s[:, None]  # one-dim "gallery": each score is the dot product with the query [1]
+    q = np.ones((1, 1), np.float32)
+    assert topk(q, g, 3)[0][0].tolist() == [1, 3, 0]
+    assert topk(q, g, 10)[0][0].tolist() == [1, 3, 0, 2, 5, 4]

@@ -3,12 +3,11 @@
 Families: ``clip`` (open_clip zero-shot baselines), ``vit`` (InstructCIR ViT with
 cross-attention, trained by cirkit), ``mllm`` (InstructCIR multimodal LLM, [EOS]
 embeddings), ``fake`` (deterministic, for tests). A cirkit checkpoint folder names its
-own family in ``config.json``.
+own family in its ``config.json`` (the folder's files: :mod:`cirkit.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,16 +20,10 @@ FAMILIES = ("clip", "vit", "mllm", "fake")
 
 
 def checkpoint_config(path: str | Path) -> dict | None:
-    """The ``config.json`` of a cirkit checkpoint folder, or None if ``path`` is not one."""
-    p = Path(path)
-    cfg = p / "config.json"
-    if not p.is_dir() or not cfg.exists():
-        return None
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return data if isinstance(data, dict) and "backbone" in data and "cirkit" in data else None
+    """The ``config.json`` of a cirkit checkpoint folder, or None if ``path`` is not one (see :mod:`cirkit.checkpoint`)."""
+    from cirkit.checkpoint import read_config
+
+    return read_config(path)
 
 
 def load_backbone(spec: BackboneSpec) -> Backbone:

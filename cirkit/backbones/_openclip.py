@@ -45,11 +45,7 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
     register_configs()
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         raise CirkitError(f"unknown open_clip model {model!r} (see open_clip.list_models())")
-    if pretrained and Path(pretrained).suffix in (".bin", ".pt", ".pth") and not allow_pickle:
-        raise CheckpointError(
-            f"{pretrained}: pickle checkpoints can run code when loaded; convert to .safetensors "
-            "or pass --allow-pickle if you trust the file"
-        )
+    _check_weights_file(model, pretrained, allow_pickle)
     # Without a tag the weights are random on purpose (training from scratch, or a cirkit
     # checkpoint loaded next): open_clip's "No pretrained weights loaded" warning is noise then.
     quiet = _DropMessage("No pretrained weights loaded") if not pretrained else None
@@ -64,11 +60,60 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
         if "pretrained" in str(e).lower() or "download" in str(e).lower():
             raise CirkitError(f"cannot load open_clip weights {model}/{pretrained}: {e}") from None
         raise
+    except ValueError as e:  # open_clip's own checks of the name ('local-dir:' with no path, ...)
+        raise CirkitError(f"cannot load open_clip model {model!r}: {str(e).splitlines()[0]}") from None
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(model)
     return clip, preprocess, tokenizer
+
+
+def _weights_file(model: str, pretrained: str | None) -> str | None:
+    """The local file open_clip will load weights from for ``model``/``pretrained``, if any."""
+    import open_clip
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    if model.startswith("local-dir:"):  # open_clip ignores `pretrained` and picks a file in the folder
+        folder = Path(model[len("local-dir:"):])
+        return _find_checkpoint_in_dir(folder) if folder.is_dir() else None
+    if model.startswith("hf-hub:"):  # open_clip ignores `pretrained` and fetches the repo's weights
+        try:
+            return open_clip.pretrained.download_pretrained_from_hf(model[len("hf-hub:"):])
+        except Exception:  # noqa: BLE001 - open_clip's own attempt reports the failure
+            return None
+    if not pretrained:
+        return None
+    if Path(pretrained).is_file():
+        return pretrained
+    tag = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag:
+        return None
+    try:  # the same call open_clip makes next: downloads once, or returns the cached file
+        return open_clip.pretrained.download_pretrained(tag) or None
+    except Exception:  # noqa: BLE001 - open_clip's own attempt reports the failure
+        return None
+
+
+def _check_weights_file(model: str, pretrained: str | None, allow_pickle: bool) -> None:
+    """No pickle without --allow-pickle, decided by the file's content (``.ckpt``, ``.PT``, no suffix...).
+
+    open_clip picks its loader by suffix: ``.safetensors`` files go to safetensors, ``.npz``/``.npy``
+    to NumPy (which refuses pickled arrays), anything else to ``torch.load``.
+    """
+    from cirkit.checkpoint import check_safetensors, refuse_pickle
+
+    path = _weights_file(model, pretrained)
+    if path is None:
+        return
+    suffix = Path(path).suffix.lower()
+    if str(path).endswith(".safetensors"):
+        check_safetensors(path)
+    elif suffix not in (".npz", ".npy"):
+        fmt = refuse_pickle(path, allow_pickle)
+        if fmt == "safetensors":
+            raise CheckpointError(f"{path}: a safetensors file that open_clip would read with torch.load "
+                                  "(it goes by the name); rename it to end in .safetensors")
 
 
 def decode_size(clip) -> int:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from cirkit.records import EmbeddingManifest
+
 QUERY_MODES = ("composed", "image", "text", "sum")
 
 
@@ -102,17 +104,20 @@ class Backbone(abc.ABC):
         return self.embed_images(batch)
 
     # -- provenance ----------------------------------------------------------------------
-    def manifest(self) -> dict[str, Any]:
-        """What produced these vectors: recorded in embedding stores, indexes and metrics."""
-        return {
-            "backbone": self.name,
-            "checkpoint": self.checkpoint_id(),
-            "dim": int(self.dim),
-            "normalized": True,
-            "mode": self.spec.mode,
-            "source": _source(self.spec.model),
-            "pretrained": self.spec.pretrained,
-        }
+    def manifest(self) -> EmbeddingManifest:
+        """What produced these vectors: recorded in embedding stores, indexes and metrics.
+
+        Family-specific provenance (precision, prompt templates) goes in ``extra``.
+        """
+        return EmbeddingManifest(
+            backbone=self.name,
+            checkpoint=self.checkpoint_id(),
+            dim=int(self.dim),
+            normalized=True,
+            mode=self.spec.mode,
+            source=_source(self.spec.model),
+            pretrained=self.spec.pretrained,
+        )
 
     def checkpoint_id(self) -> str:
         s = self.spec

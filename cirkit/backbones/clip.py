@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import torch
 
 from cirkit.backbones.base import Backbone, BackboneSpec, normalize
+from cirkit.records import EmbeddingManifest
 
 log = logging.getLogger("cirkit")
 
@@ -69,7 +69,7 @@ class ClipBackbone(Backbone):
         """Plain CLIP has no fusion: the composed query is the normalised image + text sum."""
         return normalize(self.embed_images(batch) + self.embed_texts(texts))
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> EmbeddingManifest:
         m = super().manifest()
-        m["precision"] = str(self.dtype).replace("torch.", "")
+        m.extra["precision"] = str(self.dtype).replace("torch.", "")
         return m

@@ -18,10 +18,10 @@ embedding never depends on what else is in the batch.
 Training (stage 1 image-caption, stage 2 triplets, LoRA or full fine-tuning) lives in
 :mod:`cirkit.train.mllm`.
 
-Checkpoint folder: ``config.json`` (``{"cirkit", "backbone": "mllm", "base_model",
-"templates", ...}``), the peft adapter (``adapter_config.json``,
-``adapter_model.safetensors``) and, with ``--merge`` or full fine-tuning,
-``model.safetensors`` holding complete weights that load without peft.
+Checkpoint folder (files named in :mod:`cirkit.checkpoint`): ``config.json`` (``{"cirkit",
+"backbone": "mllm", "base_model", "templates", ...}``, written and read here), the peft
+adapter (``adapter_config.json``, ``adapter_model.safetensors``) and, with ``--merge`` or
+full fine-tuning, ``model.safetensors`` holding complete weights that load without peft.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from cirkit.backbones.base import Backbone, BackboneSpec
 from cirkit.device import pick_device, pick_dtype
 from cirkit.errors import CheckpointError, CirkitError
+from cirkit.records import EmbeddingManifest
 
 log = logging.getLogger("cirkit")
 
@@ -48,9 +49,6 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     # Appended to every prompt; "<eos>" means the tokenizer's own end token, "" means none.
     "end": "<eos>",
 }
-# LLM linear layers LoRA adapts by default (Llama/Qwen/Mistral names); only those that exist are used.
-WEIGHTS_FILE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,8 +195,47 @@ def load_base(model_id: str, trust_remote_code: bool = False, dtype: torch.dtype
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
-    if any(folder.glob("*.bin")) and not (folder / WEIGHTS_FILE).exists() and not allow_pickle:
-        raise CheckpointError(f"{folder}: only pickle (.bin) weights found; convert to safetensors or pass --allow-pickle")
+    """Refuse a model folder transformers would load from pickle (decided by content), unless allowed."""
+    from cirkit.checkpoint import check_model_folder
+
+    check_model_folder(folder, allow_pickle)
+
+
+def save_checkpoint(model: torch.nn.Module, folder: str | Path, *, base_model: str | None, templates: dict[str, str],
+                    max_length: int, merge: bool, stage: str, lora: dict[str, Any],
+                    temperature: float | None) -> None:
+    """Write an mllm checkpoint's model files and ``config.json`` into ``folder``.
+
+    A peft model writes its adapter (and, with ``merge``, merged complete weights too); a
+    fully fine-tuned model writes complete weights.
+    """
+    from cirkit.checkpoint import WEIGHTS, write_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        model.save_pretrained(str(folder))
+        (folder / "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
+    if not is_peft or merge:
+        import copy
+
+        from safetensors.torch import save_model
+
+        # Complete weights (tied tensors stored once), loadable without peft.
+        save_model(copy.deepcopy(model).merge_and_unload() if is_peft else model, str(folder / WEIGHTS))
+    write_config(
+        folder, "mllm",
+        base_model=base_model,
+        templates={k: templates[k] for k in DEFAULT_TEMPLATES},
+        max_length=max_length,
+        dim=int(language_model(model).config.hidden_size),
+        weights="lora" if is_peft else "full",
+        merged=bool(is_peft and merge),
+        lora=lora if is_peft else None,
+        stage=stage,
+        temperature=temperature,
+    )
 
 
 def load_checkpoint_model(
@@ -207,36 +244,38 @@ def load_checkpoint_model(
     trust_remote_code: bool = False,
     trainable: bool = False,
     dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
 ):
     """``(model, processor, cirkit config)`` from a cirkit mllm checkpoint folder.
 
     ``prefer``: ``auto`` uses complete weights (``model.safetensors``, no peft needed)
     when present and the adapter otherwise; ``adapter`` / ``merged`` force one.
+    ``allow_pickle`` applies to the base model's folder (the checkpoint itself is safetensors only).
     """
-    from cirkit.backbones import checkpoint_config
+    from cirkit.checkpoint import ADAPTER_CONFIG, CONFIG, WEIGHTS, check_folder, read_config
 
     folder = Path(folder)
-    cfg = checkpoint_config(folder)
+    cfg = read_config(folder)
     if cfg is None or cfg.get("backbone") != "mllm":
-        raise CheckpointError(f"{folder}: not a cirkit mllm checkpoint (config.json with backbone 'mllm')")
-    if "base_model" not in cfg:
-        raise CheckpointError(f"{folder}/config.json: missing 'base_model' (the hub id or folder of the base MLLM)")
-    has_full = (folder / WEIGHTS_FILE).exists()
+        raise CheckpointError(f"{folder}: not a cirkit mllm checkpoint ({CONFIG} with backbone 'mllm')")
+    check_folder(folder, "mllm")
+    has_full = (folder / WEIGHTS).exists()
     has_adapter = (folder / ADAPTER_CONFIG).exists()
     if prefer == "adapter" and not has_adapter:
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG} (was it trained with --full-finetune?)")
     if prefer == "merged" and not has_full:
-        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}; train with --merge to export merged weights")
-    _check_weights(folder, False)
+        raise CheckpointError(f"{folder}: no {WEIGHTS}; train with --merge to export merged weights")
+    if Path(cfg["base_model"]).is_dir():
+        _check_weights(Path(cfg["base_model"]), allow_pickle)
     model, processor = load_base(cfg["base_model"], trust_remote_code, dtype)
     if has_full and (prefer in ("auto", "merged")) and not (prefer == "auto" and trainable and has_adapter):
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
+        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
         missing = [k for k in missing if not k.startswith("lm_head")]
         if missing or unexpected:
             raise CheckpointError(
-                f"{folder}/{WEIGHTS_FILE}: does not fit {cfg['base_model']} "
+                f"{folder / WEIGHTS}: does not fit {cfg['base_model']} "
                 f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
             )
     elif has_adapter:
@@ -281,8 +320,10 @@ class MllmBackbone(Backbone):
     def embed_composed(self, batch: list[Any], texts: list[str]) -> torch.Tensor:
         return self._embed("composed", self.prompter.composed(batch, texts))
 
-    def manifest(self) -> dict[str, Any]:
-        return {**super().manifest(), "templates": dict(self.prompter.templates)}
+    def manifest(self) -> EmbeddingManifest:
+        m = super().manifest()
+        m.extra["templates"] = dict(self.prompter.templates)
+        return m
 
 
 def keep_image(image: Any) -> Any:
@@ -300,7 +341,8 @@ def load_mllm_backbone(spec: BackboneSpec, prefer: str = "auto") -> MllmBackbone
         raise CirkitError("--pretrained is not used by the mllm backbone; pass the weights folder as --model")
     cfg = checkpoint_config(spec.model)
     if cfg is not None:
-        model, processor, cfg = load_checkpoint_model(spec.model, prefer, spec.trust_remote_code)
+        model, processor, cfg = load_checkpoint_model(spec.model, prefer, spec.trust_remote_code,
+                                                      allow_pickle=spec.allow_pickle)
         return MllmBackbone(spec, model, processor, cfg.get("templates"), cfg.get("max_length", 128))
     if Path(spec.model).is_dir():
         _check_weights(Path(spec.model), spec.allow_pickle)

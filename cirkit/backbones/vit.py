@@ -19,16 +19,16 @@ Model (``VitCir``), following "Scaling Prompt Instructed Zero Shot CIR with Imag
   learned per-query weight ``w = sigmoid(a . [q; t] + b)`` (initialised near 1, i.e.
   "trust the reformulation"), trained in ``--stage combiner`` with everything else frozen.
 
-A checkpoint folder holds ``model.safetensors`` with the online (query) encoder and, when
-trained with EMA, the momentum target encoder under the ``ema.`` prefix; gallery images
-are embedded with the target encoder, which is what the queries were trained against.
+A checkpoint folder (files named in :mod:`cirkit.checkpoint`) holds ``model.safetensors`` with
+the online (query) encoder and, when trained with EMA, the momentum target encoder under the
+``ema.`` prefix; gallery images are embedded with the target encoder, which is what the
+queries were trained against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -43,8 +43,7 @@ from cirkit.errors import CheckpointError, CirkitError
 
 log = logging.getLogger("cirkit")
 
-WEIGHTS = "model.safetensors"
-EMA_PREFIX = "ema."
+EMA_PREFIX = "ema."  # the target encoder's tensors inside the checkpoint's weights file
 NULL_TEXT = ""
 # What config.json records about the architecture (everything else there is provenance).
 SETTING_KEYS = ("model", "pretrained", "embed_dim", "cross_attn", "cross_attn_layers", "predictor_hidden",
@@ -281,7 +280,7 @@ def settings_from_config(config) -> dict[str, Any]:
         "cross_attn_layers": list(config.cross_attn_layers) if config.cross_attn_layers is not None else None,
         "predictor_hidden": config.predictor_hidden,
         "temperature": float(config.temperature),
-        "gate_init": float(config.extra.get("gate_init", 0.0)) if config.extra else 0.0,
+        "gate_init": float(config.gate_init),
         "null_text": NULL_TEXT,
     }
 
@@ -299,14 +298,12 @@ def build_model(settings: dict[str, Any], pretrained: str | None = None, allow_p
 
 
 def config_json(model: VitCir, **extra: Any) -> dict[str, Any]:
-    """``config.json`` contents for a vit checkpoint folder (``weights_id`` comes with ``extra``)."""
+    """The vit fields of ``config.json`` (``weights_id`` comes with ``extra``; family and version are added on write)."""
     import open_clip
 
-    from cirkit import __version__
+    from cirkit.checkpoint import WEIGHTS
 
     return {
-        "cirkit": __version__,
-        "backbone": "vit",
         **{k: v for k, v in model.settings.items()},
         "open_clip": open_clip.__version__,
         "open_clip_config": open_clip.get_model_config(model.settings["model"]),
@@ -319,7 +316,7 @@ def save_checkpoint(model: VitCir, folder: Path, ema: VitCir | None = None, **ex
     """Write ``model.safetensors`` (+ ``ema.*`` target encoder) and ``config.json`` into ``folder``."""
     from safetensors.torch import save_file
 
-    from cirkit.io import atomic_write_json
+    from cirkit.checkpoint import WEIGHTS, write_config
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -335,28 +332,16 @@ def save_checkpoint(model: VitCir, folder: Path, ema: VitCir | None = None, **ex
         digest.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     extra.setdefault("weights_id", digest.hexdigest()[:12])
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "backbone": "vit"})
-    atomic_write_json(Path(folder) / "config.json", config_json(model, has_ema=ema is not None, **extra))
+    write_config(folder, "vit", **config_json(model, has_ema=ema is not None, **extra))
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(config, query-encoder state, ema state or None) from a vit checkpoint folder (safetensors only)."""
-    from safetensors.torch import load_file
+    from cirkit.checkpoint import WEIGHTS, check_folder, load_safetensors
 
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{folder}: not a cirkit checkpoint (no config.json)")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("backbone") != "vit":
-        raise CheckpointError(f"{folder}: a {cfg.get('backbone')} checkpoint, not vit")
-    weights = folder / cfg.get("weights", WEIGHTS)
-    if not weights.exists():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        if pickles:
-            raise CheckpointError(f"{folder}: no {weights.name}, only pickle weights ({', '.join(pickles)}); "
-                                  "cirkit checkpoints load from safetensors only, never from pickle")
-        raise CheckpointError(f"{folder}: missing {weights.name}; the checkpoint is incomplete")
-    state = load_file(str(weights))
+    cfg = check_folder(folder, "vit")
+    state = load_safetensors(folder / cfg.get("weights", WEIGHTS))
     ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)} or None
     online = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
     return cfg, online, ema
@@ -371,10 +356,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
         )
 
 
-def load_model(folder: str | Path) -> tuple[VitCir, VitCir | None, Any, Any, dict[str, Any]]:
-    """(query encoder, target encoder or None, preprocess, tokenizer, config) from a folder."""
+def load_model(folder: str | Path, allow_pickle: bool = False) -> tuple[VitCir, VitCir | None, Any, Any, dict[str, Any]]:
+    """(query encoder, target encoder or None, preprocess, tokenizer, config) from a folder.
+
+    ``allow_pickle`` applies to an open_clip ``local-dir:`` model the config names, whose own
+    weights open_clip loads first (the checkpoint's weights are safetensors only).
+    """
     cfg, online, ema_state = read_checkpoint(folder)
-    model, preprocess, tokenizer = build_model(cfg)
+    model, preprocess, tokenizer = build_model(cfg, allow_pickle=allow_pickle)
     load_weights(model, online, str(folder))
     ema = None
     if ema_state is not None:
@@ -442,7 +431,7 @@ def load_vit_backbone(spec: BackboneSpec) -> VitBackbone:
     from cirkit.backbones import checkpoint_config
 
     if spec.model and checkpoint_config(spec.model) is not None:
-        model, ema, preprocess, tokenizer, cfg = load_model(spec.model)
+        model, ema, preprocess, tokenizer, cfg = load_model(spec.model, spec.allow_pickle)
         return VitBackbone(spec, model, ema, preprocess, tokenizer, cfg)
     if spec.model and Path(spec.model).is_dir():
         raise CheckpointError(f"{spec.model}: a folder without config.json is not a cirkit checkpoint")

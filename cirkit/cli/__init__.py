@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
 from cirkit import __version__
+from cirkit.cli._common import QUIET_HELP, VERBOSE_HELP, CirkitGroup, StubCommand, setup_logging
 
 app = typer.Typer(
     name="cirkit",
-    help="Zero-shot Composed Image Retrieval: caption, reformulate, train, embed, index, query, evaluate.",
+    cls=CirkitGroup,
+    help="Zero-shot Composed Image Retrieval: caption, reformulate, train, embed, index, query, serve, evaluate.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -27,21 +28,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (debug level).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final summary; no progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
 ) -> None:
-    """cirkit chains stages that exchange JSONL and Lance files; see each command's --help."""
-    from rich.logging import RichHandler
+    """cirkit chains stages that exchange JSONL and Lance files; see each command's --help.
 
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logger = logging.getLogger("cirkit")
-    logger.handlers.clear()
-    handler = RichHandler(show_time=False, show_path=verbose, markup=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    -v/-q work before or after the command (cirkit -q embed ..., cirkit embed ... -q).
+    """
+    setup_logging(verbose, quiet)
 
 
 # One module per stage, each defining one function named like the command.
@@ -51,14 +46,11 @@ from cirkit.cli import evaluate as _evaluate  # noqa: E402
 from cirkit.cli import index as _index  # noqa: E402
 from cirkit.cli import query as _query  # noqa: E402
 from cirkit.cli import reformulate as _reformulate  # noqa: E402
+from cirkit.cli import serve as _serve  # noqa: E402
 from cirkit.cli import synth as _synth  # noqa: E402
 from cirkit.cli import train as _train  # noqa: E402
 
-app.command(name="synth")(_synth.synth)
-app.command(name="caption")(_caption.caption)
-app.command(name="reformulate")(_reformulate.reformulate)
-app.command(name="evaluate")(_evaluate.evaluate)
-app.command(name="index")(_index.index)
-app.command(name="query")(_query.query)
-app.command(name="train")(_train.train)
-app.command(name="embed")(_embed.embed)
+# Each is registered as a stub with its docstring; CirkitGroup builds its options when it runs.
+for _fn in (_synth.synth, _caption.caption, _reformulate.reformulate, _evaluate.evaluate, _index.index,
+            _query.query, _train.train, _embed.embed, _serve.serve):
+    app.command(name=_fn.__name__, cls=StubCommand)(_fn)

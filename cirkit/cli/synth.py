@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
-import typer
+from cirkit.cli._common import command, emit
 
-from cirkit.cli._common import JsonFlag, RecipeOpt, emit, flags, stage
+if TYPE_CHECKING:
+    from cirkit.synth import SynthConfig
 
 
-@stage
-def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder; must be new or empty unless --overwrite.")],
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed; same seed, same bytes. (default 0)")] = None,
-    train_triplets: Annotated[
-        int | None, typer.Option("--train-triplets", help="Training triplets to generate. (default 2000)")
-    ] = None,
-    test_queries: Annotated[
-        int | None, typer.Option("--test-queries", help="Queries per benchmark split (test, compositional). (default 200)")
-    ] = None,
-    distractors: Annotated[
-        int | None, typer.Option("--distractors", help="Extra random gallery images per split. (default 200)")
-    ] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Image side in pixels. (default 64)")] = None,
-    max_objects: Annotated[int | None, typer.Option("--max-objects", help="Most objects in a scene (2 or 3). (default 3)")] = None,
-    held_out: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--held-out",
-            help="A 'COLOUR SHAPE' combination kept out of training for the compositional split; repeat or "
-            "comma-separate. (default purple star, green triangle, yellow square, blue hexagon)",
-        ),
-    ] = None,
-    overwrite: Annotated[
-        bool | None, typer.Option("--overwrite", help="Replace OUT if it holds a previous synth output.")
-    ] = None,
-    config: RecipeOpt = None,
-    json_: JsonFlag = False,
-) -> None:
+@command("cirkit.synth.SynthConfig", section="synth")
+def synth(config: SynthConfig, json_out: bool) -> None:
     """Generate a procedural Composed Image Retrieval benchmark, fully offline.
 
     Scenes of 1-3 coloured shapes on a background, each with an exact caption.
@@ -52,29 +25,12 @@ def synth(
 
       cirkit synth data/synth
 
-      cirkit synth data/synth --seed 1 --train-triplets 20000 --overwrite
+      cirkit synth -o data/synth --seed 1 --train-triplets 20000 --overwrite
 
       cirkit synth data/synth --held-out "purple star,red hexagon" --json
 
-      cirkit synth data/synth -c recipes/synth.yaml --image-size 96
+      cirkit synth data/synth --image-size 96 --max-objects 2
     """
-    from cirkit.config import resolve
-    from cirkit.synth import SynthConfig, run
+    from cirkit.synth import run
 
-    cfg = resolve(
-        SynthConfig,
-        config,
-        flags(
-            out=out,
-            seed=seed,
-            train_triplets=train_triplets,
-            test_queries=test_queries,
-            distractors=distractors,
-            image_size=image_size,
-            max_objects=max_objects,
-            held_out=tuple(held_out) if held_out else None,
-            overwrite=overwrite or None,
-        ),
-        section="synth",
-    )
-    emit(run(cfg), json_)
+    emit(run(config), json_out)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -93,43 +94,105 @@ def _remove(entry: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
-    """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8", kind: str | None = None,
+                 owned: Callable[[Path], bool] | None = None) -> Iterator[Any]:
+    """Open a temp file next to ``path``; on success fsync and rename it over ``path``.
+
+    ``kind``/``owned``: see :func:`check_file_output` (a user-named output replaces only its own kind).
+    """
     path = Path(path)
-    check_file_output(path)
+    check_file_output(path, kind, owned)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path)
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+    except OSError as e:
+        raise _about(e, path) from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _about(e, path) from None
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    """Write ``obj`` as JSON atomically."""
-    with atomic_write(path) as fh:
+def _about(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` (the output) instead of our temp name or no file at all (a full disk's write())."""
+    if e.filename is None or ".cirkit-tmp-" in str(e.filename) or ".cirkit-old-" in str(e.filename):
+        return type(e)(e.errno, e.strerror, str(path)) if e.errno is not None else e
+    return e
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, kind: str | None = None,
+                      owned: Callable[[Path], bool] | None = None) -> None:
+    """Write ``obj`` as JSON atomically (``kind``/``owned``: see :func:`check_file_output`)."""
+    with atomic_write(path, kind=kind, owned=owned) as fh:
         json.dump(obj, fh, indent=indent, ensure_ascii=False)
         fh.write("\n")
 
 
-def check_file_output(path: str | Path) -> None:
-    """A file output must not be a folder, and its parent must not be a file."""
+def check_file_output(path: str | Path, kind: str | None = None, owned: Callable[[Path], bool] | None = None) -> None:
+    """Refuse a file output cirkit must not write: a folder, a link, a device/FIFO/socket, a path under a file.
+
+    With ``owned`` (a recogniser of the ``kind`` of file this output is), an existing non-empty
+    file is only replaced when cirkit wrote it: a report, metrics or submission file never
+    lands on a user's file (or on the run's own inputs) by a mistyped ``-o``.
+    """
     path = Path(path)
+    if path.is_symlink():
+        raise CirkitError(
+            f"{path}: is a symbolic link; cirkit does not write through or replace links, pass the file it points "
+            f"to ({os.path.realpath(path)}) or a new path"
+        )
     if path.is_dir():
         raise CirkitError(f"{path}: is a folder, but a file is written here; choose a file path")
+    if path.exists() and not path.is_file():
+        raise CirkitError(f"{path}: is not a regular file (a device, FIFO or socket); choose a file path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CirkitError(f"{path}: {parent} is a file, not a folder; choose another output path")
             break
+    if owned is not None and path.is_file() and path.stat().st_size > 0 and not owned(path):
+        raise CirkitError(
+            f"{path}: already exists and cirkit did not write it (it only replaces its own {kind or 'output'}s); "
+            "choose a new file name, or remove this file yourself"
+        )
+
+
+def read_head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of a file (empty if unreadable): for recognising what a file is."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return b""
+
+
+def read_small_json(path: Path, max_bytes: int = 64 << 20) -> Any:
+    """A JSON file's value, or None when it is not one (or is too big to be one cirkit wrote)."""
+    try:
+        if path.stat().st_size > max_bytes:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def check_utf8_path(path: str | Path, what: str = "output") -> None:
+    """Refuse a path whose bytes are not UTF-8 (a Linux name): it would fail only when written into a file."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise CirkitError(f"{shown}: the {what} path is not valid UTF-8; choose a path of UTF-8 characters") from None
 
 
 def read_marker(folder: str | Path) -> dict[str, Any] | None:
@@ -178,9 +241,11 @@ def atomic_dir(path: str | Path, kind: str = "output", owned: Callable[[Path], b
     """Build a folder under a temp name and swap it in whole (checkpoints, benchmark folders).
 
     Only a folder that :func:`check_replaceable` allows is replaced; the new one carries the
-    :data:`MARKER` of ``kind``. The swap is two renames (old folder aside, new one in); a
-    crash between them leaves only the set-aside copy, which :func:`restore_dir` (called here
-    and by readers that resume) puts back.
+    :data:`MARKER` of ``kind``. The swap exchanges the two names in one step where the
+    system can (Linux ``renameat2``), so a reader always finds the old folder or the new one;
+    elsewhere it is two renames (old folder aside, new one in), and a crash between them
+    leaves only the set-aside copy, which :func:`restore_dir` (called here and by readers
+    that resume) puts back.
     """
     from cirkit import __version__
 
@@ -190,11 +255,17 @@ def atomic_dir(path: str | Path, kind: str = "output", owned: Callable[[Path], b
     restore_dir(path)
     remove_dead_temps(path)
     tmp = temp_name(path)
-    tmp.mkdir(mode=0o777 & ~_umask())
+    try:
+        tmp.mkdir(mode=0o777 & ~_umask())
+    except OSError as e:
+        raise _about(e, path) from None
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"kind": kind, "cirkit": __version__}) + "\n", encoding="utf-8")
         check_replaceable(path, kind, owned)  # again: the folder may have changed while we worked
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            return
         old = None
         if path.exists():
             old = temp_name(path, "old")
@@ -202,9 +273,35 @@ def atomic_dir(path: str | Path, kind: str = "output", owned: Callable[[Path], b
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _about(e, path) from None
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl < 1.2.x)
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):  # a file system that cannot
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _aside_copies(path: Path) -> list[Path]:
@@ -251,6 +348,8 @@ def check_name(name: str, what: str) -> str:
 
 def safe_join(root: str | Path, relative: str | Path) -> Path:
     """Join ``relative`` under ``root``, refusing paths that escape it (``..``, absolute)."""
+    if "\x00" in str(relative):
+        raise CirkitError(f"output name {str(relative)!r} contains a NUL character; no file name can hold one")
     root = Path(root).resolve()
     out = (root / relative).resolve()
     if out != root and root not in out.parents:

@@ -6,7 +6,7 @@ beside the output, ``.<name>.lock``, locked with ``flock`` through :mod:`fileloc
 drops the lock when its process dies, so a stale lock of a killed run is simply free again.
 The holder writes who it is (pid, host, start time, command) into the lock file, so a second
 writer fails at once with one line naming the holder, or waits for it with ``wait=True``.
-The lock file stays after release (unlinking a lock file races with a waiter that opened it).
+The holder removes the lock file before it lets go, so a finished run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -70,17 +70,49 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     A lock held by another live process is an :class:`OutputBusy` error naming it, unless
     ``wait``, in which case this blocks until it is free. The parent folder is created.
     """
-    from filelock import FileLock, Timeout
-
     output = Path(output)
     path = lock_file_for(output)
+    made = _missing_ancestors(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
+        _remove_empty(made)
         raise CirkitError(f"{output}: its parent {path.parent} is a file, not a folder; choose another output") from None
+    except OSError as e:
+        _remove_empty(made)
+        raise CirkitError(f"{output}: cannot create its folder {path.parent} ({e.strerror}); "
+                          "choose an output in a folder you can write") from None
+    try:
+        lock = _take(output, path, wait, what)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield path
+    except Exception as e:
+        # An error met while writing (a full disk in a library's write, a Lance I/O error) often
+        # names no file: the error boundary names this output instead (cirkit.cli._common.describe).
+        if getattr(e, "cirkit_output", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                e.cirkit_output = str(output)
+        raise
+    finally:
+        # Unlinked while still held, so an output leaves no lock file behind: a waiter that opened
+        # this inode sees it unlinked once it gets the lock and opens the path again (filelock checks
+        # st_nlink after flock), so two holders can never lock two different files.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.release()
+        _remove_empty(made)  # folders made only for the lock, left empty by a run that wrote nothing
+
+
+def _take(output: Path, path: Path, wait: bool, what: str):
+    """The acquired lock of ``path``: at once, or (``wait``) once its holder lets go."""
+    from filelock import FileLock, Timeout
+
     lock = FileLock(str(path), blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
     try:
-        lock.acquire()
+        _acquire(lock, output, path)
     except Timeout:
         holder = describe_holder(path)
         if not wait:
@@ -90,11 +122,40 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
             ) from None
         log.info("%s: waiting for %s to finish writing it", output, holder)
         lock = FileLock(str(path), blocking=True, preserve_lock_file=True, on_acquired=_write_holder)
-        lock.acquire()
+        _acquire(lock, output, path)
+    return lock
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _acquire(lock, output: Path, path: Path) -> None:
+    """``lock.acquire()``, with an unwritable folder (read-only, full disk) as a one-line error."""
+    from filelock import Timeout
+
     try:
-        yield path
-    finally:
-        lock.release()
+        lock.acquire()
+    except Timeout:
+        raise
+    except OSError as e:
+        raise CirkitError(f"{output}: cannot write its lock file {path} ({e.strerror}); "
+                          "choose an output in a folder you can write") from None
 
 
 def is_locked(output: str | Path) -> bool:

@@ -12,7 +12,8 @@ from cirkit.errors import CirkitError
 
 if TYPE_CHECKING:
     from cirkit.summary import StageResult
-    from cirkit.train.plugin import TrainConfig, TrainPlugin
+    from cirkit.train.config import TrainConfig
+    from cirkit.train.plugin import TrainPlugin
 
 TRAINABLE = ("vit", "mllm")
 

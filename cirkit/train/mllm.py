@@ -11,7 +11,6 @@ vision tower and projector train fully and are saved with the adapter as peft
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -20,24 +19,23 @@ from typing import Any
 
 import torch
 
-from cirkit.backbones.base import normalize
 from cirkit.backbones.mllm import (
-    ADAPTER_CONFIG,
     DEFAULT_TEMPLATES,
-    WEIGHTS_FILE,
     Prompter,
     forward_embed,
     inner_model,
     inputs_to,
-    language_model,
     load_base,
     load_checkpoint_model,
     peft_quiet,
+    save_checkpoint,
     unwrap,
     vision_module_names,
 )
+from cirkit.checkpoint import ADAPTER_CONFIG, check_model_folder
 from cirkit.errors import CheckpointError, CirkitError
-from cirkit.train.plugin import TrainConfig, TrainPlugin
+from cirkit.train.losses import info_nce, key_ids
+from cirkit.train.plugin import TrainConfig, TrainPlugin, Unreadable, readable
 
 log = logging.getLogger("cirkit")
 
@@ -84,30 +82,15 @@ class MllmTrainModel(torch.nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.logit_scale.device
         q_kind, q_enc = batch["query"]
-        q = normalize(forward_embed(self.model, q_kind, inputs_to(q_enc, device)))
-        c = normalize(forward_embed(self.model, "text", inputs_to(batch["caption"], device)))
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        same = batch["same"].to(device)
-        loss, acc = _info_nce(q, c, scale, same)
-        logs = {"acc": acc, "temperature": float(1.0 / scale.detach())}
+        q = forward_embed(self.model, q_kind, inputs_to(q_enc, device))
+        c = forward_embed(self.model, "text", inputs_to(batch["caption"], device))
+        loss, logs = info_nce(q, c, self.logit_scale, batch["same"])
         if self.target_image_loss and batch.get("target") is not None:
-            t = normalize(forward_embed(self.model, "image", inputs_to(batch["target"], device)))
-            loss_t, acc_t = _info_nce(q, t, scale, batch["same_target"].to(device))
-            logs.update(loss_caption=float(loss.detach()), loss_image=float(loss_t.detach()), acc_image=acc_t)
+            t = forward_embed(self.model, "image", inputs_to(batch["target"], device))
+            loss_t, logs_t = info_nce(q, t, self.logit_scale, batch["same_target"])
+            logs.update(loss_caption=float(loss.detach()), loss_image=float(loss_t.detach()), acc_image=logs_t["acc"])
             loss = (loss + loss_t) / 2
         return loss, logs
-
-
-def _info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Symmetric in-batch InfoNCE; ``same[i, j]`` marks j != i sharing i's positive (masked out)."""
-    logits = scale * a @ b.T
-    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
-    logits = logits.masked_fill(same & ~eye, float("-inf"))
-    labels = torch.arange(len(a), device=a.device)
-    f = torch.nn.functional
-    loss = (f.cross_entropy(logits, labels) + f.cross_entropy(logits.T, labels)) / 2
-    acc = float((logits.detach().argmax(1) == labels).float().mean())
-    return loss, acc
 
 
 class _PairDataset(torch.utils.data.Dataset):
@@ -131,8 +114,7 @@ class _PairDataset(torch.utils.data.Dataset):
             target_image = open_image(target) if target is not None else None
             return (open_image(ref), instruction, caption, target_image, str(target))
         except ImageError as e:
-            log.warning("skipping training example: %s", e)
-            return None
+            return Unreadable(e.path, e.reason)
 
 
 class MllmCollate:
@@ -142,31 +124,25 @@ class MllmCollate:
         self.prompter, self.stage, self.target_images = prompter, stage, target_images
 
     def __call__(self, items: list) -> dict[str, Any]:
-        items = [x for x in items if x is not None]
-        if len(items) < 2:
-            raise CirkitError("a training batch has fewer than 2 readable examples; check the images or raise --batch-size")
+        items, skipped = readable(items)
+        if len(items) < 2:  # the loop reports it (raising here would be a worker traceback)
+            return {"skipped": skipped, "examples": len(items)}
+        # Identical captions (or target images) would otherwise be false negatives: keyed, then masked.
         if self.stage == "1":
             images, captions = zip(*items, strict=True)
             out = {"query": ("image", self.prompter.images(list(images))), "caption": self.prompter.texts(list(captions))}
-            out["same"] = _same(captions)
-            return out
-        refs, instructions, captions, targets, target_paths = zip(*items, strict=True)
-        out = {
-            "query": ("composed", self.prompter.composed(list(refs), list(instructions))),
-            "caption": self.prompter.texts(list(captions)),
-            "same": _same(captions),
-        }
-        if self.target_images:
-            out["target"] = self.prompter.images(list(targets))
-            out["same_target"] = _same(target_paths) | out["same"]  # same image, or same description
-        return out
-
-
-def _same(keys: Sequence[Any]) -> torch.Tensor:
-    """(n, n) bool: rows sharing a key (identical captions would otherwise be false negatives)."""
-    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    v = torch.tensor([ids[k] for k in keys])
-    return v[:, None] == v[None, :]
+            out["same"] = key_ids(captions)
+        else:
+            refs, instructions, captions, targets, target_paths = zip(*items, strict=True)
+            out = {
+                "query": ("composed", self.prompter.composed(list(refs), list(instructions))),
+                "caption": self.prompter.texts(list(captions)),
+                "same": key_ids(captions),
+            }
+            if self.target_images:
+                out["target"] = self.prompter.images(list(targets))
+                out["same_target"] = key_ids(captions, target_paths)  # same description, or same image
+        return {**out, "skipped": skipped, "examples": len(items)}
 
 
 class MllmTrainPlugin(TrainPlugin):
@@ -179,7 +155,7 @@ class MllmTrainPlugin(TrainPlugin):
         if str(config.stage) not in ("1", "2"):
             raise CirkitError(f"--stage {config.stage} is not available for --backbone mllm; use 1 or 2")
         self.stage = str(config.stage)
-        self.templates = {**DEFAULT_TEMPLATES, **(config.extra.get("templates") or {})}
+        self.templates = {**DEFAULT_TEMPLATES, **(config.templates or {})}
         self.base_model: str | None = None
         self.processor: Any = None
 
@@ -194,13 +170,15 @@ class MllmTrainPlugin(TrainPlugin):
                 raise CheckpointError(f"--init {c.init}: not a cirkit mllm checkpoint (config.json with backbone 'mllm')")
             model, self.processor, cfg = load_checkpoint_model(
                 c.init, "adapter" if (Path(c.init) / ADAPTER_CONFIG).exists() and not c.full_finetune else "auto",
-                c.trust_remote_code, trainable=True,
+                c.trust_remote_code, trainable=True, allow_pickle=c.allow_pickle,
             )
             self.base_model = cfg["base_model"]
-            if not c.extra.get("templates"):
+            if not c.templates:
                 self.templates = {**DEFAULT_TEMPLATES, **(cfg.get("templates") or {})}
         else:
             self.base_model = _base_id(c.model)
+            if Path(self.base_model).is_dir():
+                check_model_folder(Path(self.base_model), c.allow_pickle)
             model, self.processor = load_base(self.base_model, c.trust_remote_code)
         is_peft = hasattr(model, "peft_config")
         if c.full_finetune:
@@ -267,42 +245,14 @@ class MllmTrainPlugin(TrainPlugin):
 
     # -- checkpoint ----------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:
-        import cirkit
-        from cirkit.config import to_jsonable
-        from cirkit.io import atomic_write_json
-
         c = self.config
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         wrapper = getattr(model, "module", model)
         mllm = wrapper.model if isinstance(wrapper, MllmTrainModel) else wrapper
-        is_peft = hasattr(mllm, "peft_config")
-        if is_peft:
-            mllm.save_pretrained(str(folder))
-            readme = folder / "README.md"
-            readme.unlink(missing_ok=True)
-        if not is_peft or c.merge:
-            _save_full(copy.deepcopy(mllm).merge_and_unload() if is_peft else mllm, folder / WEIGHTS_FILE)
-        atomic_write_json(folder / "config.json", {
-            "cirkit": cirkit.__version__,
-            "backbone": "mllm",
-            "base_model": self.base_model,
-            "templates": {k: self.templates[k] for k in DEFAULT_TEMPLATES},
-            "max_length": c.max_length,
-            "dim": int(language_model(mllm).config.hidden_size),
-            "weights": "lora" if is_peft else "full",
-            "merged": bool(is_peft and c.merge),
-            "lora": {"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules
-                     or list(DEFAULT_LORA_TARGETS), "vision_trained": not c.freeze_vision} if is_peft else None,
-            "stage": self.stage,
-            "temperature": float(1.0 / wrapper.logit_scale.detach().exp()) if hasattr(wrapper, "logit_scale") else None,
-        })
-        if not (folder / "train_args.json").exists():
-            atomic_write_json(folder / "train_args.json", to_jsonable(c))
-
-
-def _save_full(model: torch.nn.Module, path: Path) -> None:
-    """Complete weights as safetensors (tied tensors stored once), loadable without peft."""
-    from safetensors.torch import save_model
-
-    save_model(model, str(path))
+        scale = getattr(wrapper, "logit_scale", None)
+        save_checkpoint(
+            mllm, folder, base_model=self.base_model, templates=self.templates, max_length=c.max_length,
+            merge=c.merge, stage=self.stage,
+            lora={"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules
+                  or list(DEFAULT_LORA_TARGETS), "vision_trained": not c.freeze_vision},
+            temperature=float(1.0 / scale.detach().exp()) if scale is not None else None,
+        )

@@ -10,66 +10,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cirkit.errors import CirkitError
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; recipes set these by name (kebab- or snake-case)."""
-
-    # what and where
-    backbone: str = "vit"                 # vit | mllm
-    stage: str = "2"                      # 1 | 2 | combiner
-    data: Path | None = None              # captions.jsonl (stage 1) or triplets.jsonl (stage 2/combiner)
-    output: Path = Path("runs/model")     # checkpoint folder
-    init: str | None = None               # checkpoint folder to start from (e.g. the stage-1 output)
-    model: str = "cirkit-small"           # open_clip name (vit) or hub id / path (mllm)
-    pretrained: str | None = None         # open_clip tag or weights file (vit)
-    resume: bool = False                  # continue output/trainer_state exactly
-    # optimisation
-    max_steps: int = 1000
-    epochs: int | None = None             # if set, overrides max_steps
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    scheduler: str = "cosine"             # cosine | linear | constant
-    max_grad_norm: float | None = 1.0
-    precision: str = "auto"               # auto | fp32 | bf16 | fp16
-    seed: int = 0
-    num_workers: int = 2
-    log_every: int = 10
-    save_every: int = 200
-    temperature: float = 0.07             # InfoNCE temperature (learned if learn_temperature)
-    learn_temperature: bool = True
-    # vit backbone
-    cross_attn: bool = True
-    cross_attn_layers: list[int] | None = None   # None = every block
-    ema: bool = True
-    ema_momentum: float = 0.995
-    predictor_hidden: int | None = None           # None = 2 x embed dim
-    train_text_encoder: bool = True
-    # mllm backbone
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None  # None = the LLM's attention/MLP projections
-    full_finetune: bool = False
-    freeze_vision: bool = True
-    gradient_checkpointing: bool = False
-    target_image_loss: bool = False               # stage 2: also contrast against target images
-    max_length: int = 128
-    merge: bool = False                           # also export merged LoRA weights (model.safetensors)
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+from cirkit.train.config import TrainConfig  # noqa: F401 (re-exported: its home is train/config.py)
 
 
 class TrainPlugin(abc.ABC):
@@ -131,6 +79,10 @@ class TrainPlugin(abc.ABC):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def prepare(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Hook after ``accelerator.prepare`` (and after resume put back the trainable weights),
+        before :meth:`load_state_dict`: create what the loss needs beside the model (the EMA target)."""
+
     def after_step(self, model: torch.nn.Module, step: int) -> None:  # noqa: B027 (optional hook)
         """Hook after each optimiser step (EMA update)."""
 
@@ -143,4 +95,24 @@ class TrainPlugin(abc.ABC):
 
     @abc.abstractmethod
     def save(self, model: torch.nn.Module, folder: Path) -> None:
-        """Write the model files + ``config.json`` (with ``{"cirkit": version, "backbone": name}``)."""
+        """Write the model files + ``config.json`` (through :func:`cirkit.checkpoint.write_config`)."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A training example whose image could not be decoded: datasets return it instead of raising
+    (an exception in a DataLoader worker reaches the user as a traceback)."""
+
+    path: str
+    reason: str
+
+
+def readable(items: list[Any]) -> tuple[list[Any], list[tuple[str, str]]]:
+    """A collate's items split into the readable ones and ``(path, reason)`` of the rest.
+
+    A collate returns a dict carrying ``"skipped"`` (that list) and ``"examples"`` (how many
+    were readable); the loop takes both out, counts the skips and stops a batch too small
+    for in-batch contrastive training.
+    """
+    keep = [x for x in items if not isinstance(x, Unreadable)]
+    return keep, [(x.path, x.reason) for x in items if isinstance(x, Unreadable)]

@@ -25,19 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cirkit.errors import CirkitError, ImageError
-from cirkit.train.plugin import TrainConfig, TrainPlugin
+from cirkit.train.losses import info_nce
+from cirkit.train.plugin import TrainConfig, TrainPlugin, Unreadable, readable
 
 log = logging.getLogger("cirkit")
 
 STAGES = ("1", "2", "combiner")
-MAX_LOGIT_SCALE = 100.0
 
 
 class _Examples(torch.utils.data.Dataset):
-    """(image paths..., text) rows; images decoded + transformed in workers, bad ones dropped."""
+    """(image paths..., text) rows; images decoded + transformed in workers, bad ones reported."""
 
     def __init__(self, rows: list[tuple[list[Path], str]], transform: Callable[[Any], Any]):
         self.rows, self.transform = rows, transform
@@ -52,8 +51,7 @@ class _Examples(torch.utils.data.Dataset):
         try:
             return [self.transform(open_image(p)) for p in paths], text
         except ImageError as e:
-            log.warning("skipping training example %d: %s", i, e)
-            return None
+            return Unreadable(e.path, e.reason)
 
 
 class _Collate:
@@ -61,13 +59,14 @@ class _Collate:
         self.tokenizer = tokenizer
 
     def __call__(self, items):
-        items = [x for x in items if x is not None]
+        items, skipped = readable(items)
         if not items:
-            return None
+            return {"skipped": skipped, "examples": 0}
         n_img = len(items[0][0])
         images = [torch.stack([x[0][k] for x in items]) for k in range(n_img)]
         tokens = self.tokenizer([x[1] for x in items])
-        return {"images": images[0], "targets": images[1] if n_img > 1 else None, "tokens": tokens}
+        return {"images": images[0], "targets": images[1] if n_img > 1 else None, "tokens": tokens,
+                "skipped": skipped, "examples": len(items)}
 
 
 class VitTrainPlugin(TrainPlugin):
@@ -81,8 +80,8 @@ class VitTrainPlugin(TrainPlugin):
             raise CirkitError(f"unknown --stage {config.stage!r}; choose one of {', '.join(STAGES)}")
         self.stage = str(config.stage)
         self.use_ema = bool(config.ema) and self.stage == "2"
-        self.target: torch.nn.Module | None = None  # EMA / frozen target encoder
-        self._pending_target: dict[str, torch.Tensor] | None = None
+        self.target: torch.nn.Module | None = None  # EMA / frozen target encoder, made in prepare()
+        self.init_ema: torch.nn.Module | None = None  # the --init checkpoint's EMA encoder (combiner)
         self.preprocess = self.tokenizer = None
         self.init_config: dict[str, Any] = {}
         self.init_has_ema = False
@@ -93,14 +92,13 @@ class VitTrainPlugin(TrainPlugin):
 
         c = self.config
         if c.init:
-            model, ema, self.preprocess, self.tokenizer, self.init_config = vit.load_model(c.init)
+            model, ema, self.preprocess, self.tokenizer, self.init_config = vit.load_model(c.init, c.allow_pickle)
             _check_init_compatible(c, model.settings, c.init, len(model.clip.visual.transformer.resblocks))
             if not c.cross_attn and model.xattn:
                 model.xattn = torch.nn.ModuleDict()  # --no-cross-attn on top of a stage-1 model
                 model.settings["cross_attn"], model.settings["cross_attn_layers"] = False, []
             if ema is not None and self.stage == "combiner":
-                self._pending_target = ema.state_dict()
-                self.init_has_ema = True
+                self.init_ema, self.init_has_ema = ema, True
         else:
             if self.stage == "combiner":
                 raise CirkitError("--stage combiner fine-tunes a stage-2 model: pass --init <stage-2 checkpoint folder>")
@@ -143,41 +141,31 @@ class VitTrainPlugin(TrainPlugin):
             raise CirkitError(f"{path}: in-batch contrastive training needs at least 2 examples, found {len(rows)}")
         return _Examples(rows, self.preprocess), _Collate(self.tokenizer)
 
-    # -- loss -----------------------------------------------------------------------------
-    def _ensure_target(self, model) -> None:
-        if self.stage == "1" or self.target is not None:
-            return
-        if self.stage == "2" and not self.use_ema:
+    # -- the target encoder ---------------------------------------------------------------
+    def prepare(self, model) -> None:
+        """Make the frozen target encoder: an EMA copy of the query encoder (stage 2), or for the
+        combiner the --init checkpoint's target encoder (its EMA one when it has one)."""
+        if self.stage == "1" or (self.stage == "2" and not self.use_ema):
             return
         raw = getattr(model, "module", model)
         self.target = copy.deepcopy(raw).requires_grad_(False).eval()
-        if self._pending_target is not None:
-            self.target.load_state_dict(self._pending_target)
-            self._pending_target = None
+        if self.init_ema is not None:
+            self.target.load_state_dict(self.init_ema.state_dict())
+            self.init_ema = None
 
+    # -- loss -----------------------------------------------------------------------------
     def loss(self, model, batch):
-        if batch is None:
-            raise CirkitError("a training batch had no readable images; check the image files")
-        self._ensure_target(model)
         raw = getattr(model, "module", model)
-        scale = raw.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         if self.stage == "1":
             img, txt = model("clip", batch["images"], batch["tokens"])
-            logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            return info_nce(img, txt, raw.logit_scale, symmetric=True)
+        if self.stage == "2" and not self.use_ema:
+            q, t = model("pair", batch["images"], batch["tokens"], batch["targets"])
         else:
-            if self.stage == "2" and not self.use_ema:
-                q, t = model("pair", batch["images"], batch["tokens"], batch["targets"])
-            else:
-                q = model("query" if self.stage == "2" else "compose", batch["images"], batch["tokens"])
-                with torch.no_grad():
-                    t = self.target("target", batch["targets"])
-            logits = scale * F.normalize(q, dim=-1) @ F.normalize(t, dim=-1).T.to(q.dtype)
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(dim=1) == labels).float().mean()
-        return loss, {"acc": float(acc), "temp": float(1.0 / scale.detach())}
+            q = model("query" if self.stage == "2" else "compose", batch["images"], batch["tokens"])
+            with torch.no_grad():
+                t = self.target("target", batch["targets"])
+        return info_nce(q, t, raw.logit_scale, symmetric=False)  # eq. 2 / eq. 3: query -> target
 
     def after_step(self, model, step: int) -> None:
         if not self.use_ema or self.target is None:
@@ -201,10 +189,9 @@ class VitTrainPlugin(TrainPlugin):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             return
-        if self.target is not None:
-            self.target.load_state_dict(state)
-        else:
-            self._pending_target = dict(state)
+        if self.target is None:
+            raise CirkitError("the trainer state holds a target encoder, but this stage trains without one")
+        self.target.load_state_dict(state)
 
     def save(self, model, folder: Path) -> None:
         from cirkit.backbones.vit import save_checkpoint
@@ -212,14 +199,10 @@ class VitTrainPlugin(TrainPlugin):
         raw = getattr(model, "module", model)
         if self.stage == "combiner":
             raw.settings["combiner_trained"] = True
+        # The gallery side of the checkpoint: the EMA target when one was trained or inherited.
         ema = None
-        if self.stage == "2" and self.use_ema:
+        if (self.stage == "2" and self.use_ema) or (self.stage == "combiner" and self.init_has_ema):
             ema = self.target
-        elif self.stage == "combiner" and self.init_has_ema:
-            ema = self.target
-            if ema is None:  # saved before the first step
-                ema = copy.deepcopy(raw)
-                ema.load_state_dict(self._pending_target)
         save_checkpoint(raw, folder, ema=ema, stage=self.stage, ema_used=self.use_ema,
                         ema_momentum=self.config.ema_momentum if self.use_ema else None,
                         init=str(self.config.init) if self.config.init else None)

@@ -37,8 +37,8 @@ def test_loads_weights_from_the_file(clip, tiny_weights):
     name = next(k for k in saved if k.endswith("proj") or "proj" in k)
     assert torch.equal(clip.model.state_dict()[name], saved[name])
     m = clip.manifest()
-    assert m["backbone"] == "clip" and m["dim"] == clip.dim == 32
-    assert m["checkpoint"] == f"cirkit-tiny@{tiny_weights}"
+    assert m.backbone == "clip" and m.dim == clip.dim == 32
+    assert m.checkpoint == f"cirkit-tiny@{tiny_weights}"
 
 
 def test_modes_and_composed_is_sum(clip):

@@ -117,3 +117,102 @@ def test_write_jsonl_is_atomic_and_complete(tmp_path):
     n = write_jsonl(p, [Caption(id=str(i), image=f"{i}.png", caption="c") for i in range(5)])
     assert n == 5 and len(read_records(p, Caption)) == 5
     assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+# -- a last line without its line break: a complete record is kept, a torn one cut ------------------
+
+
+def test_appender_keeps_a_complete_last_record_that_lacks_its_newline(tmp_path):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', b'{"id": "b", "v": 2}'])  # as a user's editor saves it
+    with JsonlAppender(p) as w:
+        assert w.done == {"a", "b"}
+        assert not w.write({"id": "b", "v": 2})
+        assert w.write({"id": "c"})
+    assert [json.loads(x) for x in p.read_text().splitlines()] == [{"id": "a"}, {"id": "b", "v": 2}, {"id": "c"}]
+
+
+def test_iter_complete_yields_a_complete_unterminated_last_line(tmp_path):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', b'{"id": "b"}'])
+    assert [obj["id"] for _, obj in iter_complete(p)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("tail", [b'{"id": "b"}\r', b"  ", b'{"id": "b"}  '])
+def test_appender_terminates_a_complete_tail_with_crlf_or_spaces(tmp_path, tail):
+    p = _write(tmp_path / "out.jsonl", [b'{"id": "a"}\r\n', tail])
+    with JsonlAppender(p) as w:
+        w.write({"id": "c"})
+    assert p.read_bytes() == b'{"id": "a"}\r\n' + tail + b'\n{"id": "c"}\n'
+    assert [obj.get("id") for _, obj in iter_complete(p)] == ["a", "b", "c"] if tail.strip() else ["a", "c"]
+
+
+def test_appender_refuses_to_cut_an_incomplete_last_line_that_is_no_record(tmp_path):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', b"a note the user typed"])
+    with pytest.raises(RecordError, match=r"out.jsonl: the last line is incomplete and is not a record"):
+        JsonlAppender(p)
+    assert p.read_bytes().endswith(b"a note the user typed")
+
+
+def test_appender_warns_when_it_cuts_a_torn_tail(tmp_path, caplog):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', b'{"id": "b", "v'])
+    with caplog.at_level("WARNING", logger="cirkit"), JsonlAppender(p):
+        pass
+    assert "cut a torn last line (14 bytes)" in caplog.text
+
+
+def test_appender_resumes_a_file_with_a_bom_and_crlf(tmp_path):
+    p = _write(tmp_path / "out.jsonl", [b'\xef\xbb\xbf{"id": "a"}\r\n{"id": "b"}\r\n'])
+    with JsonlAppender(p) as w:
+        assert w.done == {"a", "b"}
+    assert [r["id"] for _, r in iter_complete(p)] == ["a", "b"]
+
+
+def test_appender_counts_ids_repeated_in_an_existing_output(tmp_path, caplog):
+    p = _write(tmp_path / "out.jsonl", ['{"id": "a"}', '{"id": "b"}', '{"id": "a"}'])
+    with caplog.at_level("WARNING", logger="cirkit"), JsonlAppender(p) as w:
+        assert w.duplicates == [("a", 3)]
+    assert "1 records repeat an id" in caplog.text and "line 3" in caplog.text
+
+
+# -- writing: what JSON or UTF-8 cannot hold is refused, a full disk is one line ------------------
+
+
+@pytest.mark.parametrize("value,why", [("caf\udce9", "not Unicode"), (float("nan"), "cannot be written as JSON")])
+def test_appender_refuses_values_it_cannot_write_and_writes_nothing(tmp_path, value, why):
+    p = tmp_path / "out.jsonl"
+    with JsonlAppender(p) as w:
+        with pytest.raises(RecordError, match=why):
+            w.write({"id": "a", "caption": value})
+        assert "a" not in w and w.written == 0
+    assert p.read_bytes() == b""
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    p = tmp_path / "out.jsonl"
+    with JsonlAppender(p) as w:
+        w.write({"id": "a"})
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(CirkitError, match=r"out.jsonl: cannot append \(No space left on device\); the 1 records"):
+            w.write({"id": "b"})
+    monkeypatch.undo()
+    assert p.read_text() == '{"id": "a"}\n'
+
+
+def test_appender_on_a_folder_or_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(CirkitError, match="is a folder, but a file is written here"):
+        JsonlAppender(tmp_path / "dir.jsonl")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CirkitError, match="is a file, not a folder"):
+        JsonlAppender(tmp_path / "file" / "out.jsonl")
+
+
+def test_reading_a_folder_is_one_line(tmp_path):
+    with pytest.raises(CirkitError, match="is a folder; give a JSONL file"):
+        read_records(tmp_path, Caption)

@@ -39,7 +39,7 @@ def test_second_writer_in_another_process_fails_naming_the_holder(tmp_path):
         proc.wait()
 
 
-def test_a_killed_holder_leaves_a_lock_the_next_run_takes(tmp_path):
+def test_a_killed_holder_leaves_a_lock_the_next_run_takes(tmp_path):  # the kernel frees a dead holder's flock
     out = tmp_path / "gallery.lance"
     proc = _holder(out, 60)
     proc.kill()
@@ -77,3 +77,47 @@ def test_lock_beside_a_file_parent_is_a_one_line_error(tmp_path):
     with pytest.raises(CirkitError, match="is a file, not a folder"):
         with output_lock(f / "out.jsonl"):
             pass
+
+
+def test_an_unwritable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    """Root ignores folder permissions, so the OS refusal is simulated where filelock opens the file."""
+    import errno
+
+    from filelock import FileLock
+
+    from cirkit.errors import CirkitError
+
+    def refuse(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(FileLock, "acquire", refuse)
+    with pytest.raises(CirkitError) as e:
+        with output_lock(tmp_path / "out.jsonl"):
+            pass
+    assert str(e.value) == (f"{tmp_path / 'out.jsonl'}: cannot write its lock file {tmp_path / '.out.jsonl.lock'} "
+                            "(Permission denied); choose an output in a folder you can write")
+
+
+CONTEND = """
+import os, sys, time
+from cirkit.io.lock import output_lock
+out, log = sys.argv[1], sys.argv[2]
+for _ in range(int(sys.argv[3])):
+    with output_lock(out, wait=True):
+        with open(log, "a") as fh:
+            fh.write(f"in {os.getpid()}\\n"); fh.flush()
+            time.sleep(0.002)
+            fh.write(f"out {os.getpid()}\\n")
+"""
+
+
+def test_removing_the_lock_file_keeps_one_holder_at_a_time(tmp_path):
+    """Holders unlink the lock file on exit; waiters that opened the old inode must not also hold a lock."""
+    out, log = tmp_path / "o.jsonl", tmp_path / "log"
+    procs = [subprocess.Popen([sys.executable, "-c", CONTEND, str(out), str(log), "25"]) for _ in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 * 25 * 2
+    for a, b in zip(lines[::2], lines[1::2], strict=True):  # every "in" is followed by its own "out"
+        assert a.startswith("in ") and b == "out " + a[3:]
+    assert not lock_file_for(out).exists()

@@ -139,3 +139,81 @@ def vit_checkpoint(tmp_path_factory):
                                    "predictor_hidden": None, "temperature": 0.07, "null_text": vit.NULL_TEXT})
     vit.save_checkpoint(model, folder)
     return folder
+
+
+# -- the adversarial layer's shared inputs and checks ------------------------------------------------
+def tree(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (without following links): file hashes, link targets, kinds.
+
+    Hidden lock files are left out: a refused run may leave none, but the lock module removes
+    them itself, and the contract is about the user's data.
+    """
+    import hashlib
+    import stat
+
+    out: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            if name.startswith(".") and name.endswith(".lock"):
+                continue
+            st = os.lstat(p)
+            rel = os.fsencode(p.relative_to(root)).decode("utf-8", "backslashreplace")
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "link -> " + os.fsencode(os.readlink(p)).decode("utf-8", "backslashreplace")
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = "dir"
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = hashlib.sha1(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = f"special {stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+def refused(args: list[str], roots: list[Path], code: int = 1, cwd: Path | None = None, contains=()) -> str:
+    """Run ``cirkit ARGS`` in process: exit ``code``, one ``error:`` line, no traceback, every tree untouched."""
+    before = [tree(r) for r in roots]
+    line = fails(args, code=code, cwd=cwd)
+    for r, b in zip(roots, before, strict=True):
+        after = tree(r)
+        changed = sorted(k for k in set(b) | set(after) if b.get(k) != after.get(k))
+        assert not changed, f"a refused run changed {changed[:5]} under {r}: {line}"
+    for part in [contains] if isinstance(contains, str) else contains:
+        assert part in line, (part, line)
+    return line
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, vit_checkpoint):
+    """One of every input and output kind, made once by real runs: tests must never change it.
+
+    synth/ (benchmark folder), captions.jsonl, triplets.jsonl (+ .rejected), g.lance (fake
+    embeddings), idx/ (index + its search cache), ck/ (a vit checkpoint), metrics.json, subs/
+    (rankings), r.html, r.png, results.jsonl.
+    """
+    import shutil
+
+    from cirkit.synth import SynthConfig
+    from cirkit.synth import run as synth
+
+    root = tmp_path_factory.mktemp("world")
+    synth(SynthConfig(out=root / "synth", seed=0, train_triplets=12, test_queries=6, distractors=4, image_size=32))
+    bench = root / "synth" / "benchmark" / "test"
+    image = sorted((root / "synth" / "images").iterdir())[0]
+    shutil.copytree(vit_checkpoint, root / "ck")
+    for args in (
+        ["caption", "--from", str(root / "synth" / "captions.jsonl"), "-o", str(root / "captions.jsonl")],
+        ["reformulate", str(root / "synth" / "captions.jsonl"), "-g", "template", "-n", "6", "-o",
+         str(root / "triplets.jsonl")],
+        ["embed", str(root / "synth" / "images"), "--backbone", "fake", "-o", str(root / "g.lance"),
+         "--num-workers", "0"],
+        ["index", str(root / "g.lance"), "-o", str(root / "idx")],
+        ["query", str(image), "make it red", "--index", str(root / "idx"), "--html", str(root / "r.html"),
+         "--grid", str(root / "r.png")],
+        ["query", "--batch", str(bench / "queries.jsonl"), "--index", str(root / "idx"), "-o",
+         str(root / "results.jsonl")],
+        ["evaluate", "generic", "-d", str(bench), "--backbone", "fake", "--num-workers", "0", "-o",
+         str(root / "metrics.json"), "--submission", str(root / "subs")],
+    ):
+        ok(args)
+    return root

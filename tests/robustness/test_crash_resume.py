@@ -54,6 +54,7 @@ def gen_inputs(tmp_path_factory):
             "ref_caps": ref_caps, "ref_trips": ref_trips}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_caption_killed_and_rerun_is_exactly_once(gen_inputs, tmp_path, seed):
     rng = rng_for(seed)
@@ -74,6 +75,7 @@ def test_caption_killed_and_rerun_is_exactly_once(gen_inputs, tmp_path, seed):
     assert read_lines(out) == got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_reformulate_killed_and_rerun_is_exactly_once(gen_inputs, tmp_path, seed):
     from cirkit.reformulate import rejected_path
@@ -122,6 +124,7 @@ def _commits(store: Path) -> int:
     return sum(1 for p in versions.iterdir() if p.suffix == ".manifest") if versions.is_dir() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_embed_killed_and_rerun_has_every_id_once(gallery, tmp_path, seed):
     from cirkit.io.embeddings import read_embeddings
@@ -175,16 +178,17 @@ def store(tmp_path_factory):
 
 
 def _index_state(uri: Path, queries: np.ndarray):
-    from cirkit.index import open_index
+    from cirkit.search import open_index
 
     ix = open_index(uri)
     data = ix.table.to_arrow().sort_by("id")
-    hits = [[h.id for h in row] for row in ix.search(queries, k=5, mode="exact")]
+    hits = [[h.id for h in row] for row in ix.search(queries, k=5, strategy="exact")]
     ann = ix.ann_info()
     return (data.column("id").to_pylist(), data.column("vector").to_pylist(), data.column("image").to_pylist(),
             hits, ann and {k: ann[k] for k in ("num_partitions", "num_sub_vectors", "indexed_rows")})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_index_killed_and_rerun_equals_an_uninterrupted_build(store, tmp_path, seed):
     emb, ref, queries = store
@@ -232,6 +236,7 @@ def _state_step(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_train_killed_after_a_save_resumes_to_the_same_result(synth_dir, train_ref, tmp_path, seed):
     import torch
@@ -261,6 +266,12 @@ def test_train_killed_after_a_save_resumes_to_the_same_result(synth_dir, train_r
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-    # Nothing in a checkpoint needs unpickling to resume or load.
-    kinds = {p.suffix for p in out.rglob("*") if p.is_file()}
+    # Nothing in a checkpoint needs unpickling to resume or load: by name and by content.
+    from cirkit.checkpoint import weights_format
+    from cirkit.io.atomic import MARKER
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
     assert kinds <= {".safetensors", ".json", ".jsonl"}, kinds
+    assert json.loads((out / MARKER).read_text())["kind"] == "checkpoint"
+    assert not [p for p in files if weights_format(p) == "pickle"]

@@ -187,11 +187,12 @@ def test_submission_files_never_escape_the_output_folder(tmp_path, meta):
 
 
 def test_html_report_escapes_ids_and_texts(tmp_path):
+    from cirkit.records import Result
     from cirkit.report import write_html
 
     evil = "<script>alert(1)</script>"
-    out = write_html(tmp_path / "r.html", [{"id": evil, "reference": None, "text": evil,
-                                             "hits": [{"rank": 1, "id": evil, "score": 1.0, "image": str(tmp_path / "x'.png")}]}])
+    out = write_html(tmp_path / "r.html", [Result(id=evil, reference=None, text=evil,
+                                                  hits=[{"rank": 1, "id": evil, "score": 1.0, "image": str(tmp_path / "x'.png")}])])
     text = out.read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]

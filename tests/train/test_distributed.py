@@ -6,9 +6,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_two_processes_keep_gradients_and_weights_in_sync(synth_dir, tmp_path):
     from cirkit.train import run
 
@@ -16,9 +19,10 @@ def test_two_processes_keep_gradients_and_weights_in_sync(synth_dir, tmp_path):
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(
         "train:\n  model: cirkit-tiny\n  max_steps: 2\n  batch_size: 4\n  num_workers: 0\n  warmup_steps: 1\n"
-        "  log_every: 1\n  save_every: 0\n  extra: {check_sync: true}\n"
+        "  log_every: 1\n  save_every: 0\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The loop compares gradient and weight checksums across processes each step (a test-only switch).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRKIT_CHECK_SYNC": "1"}
     with socket.socket() as sock:  # a free port: parallel runs must not share a rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])

@@ -33,6 +33,7 @@ def test_epoch_batches_are_disjoint_across_processes_and_resumable():
     assert list(EpochBatches(50, 4, 2, 0, seed=3, epoch=2)) != ranks[0]
 
 
+@pytest.mark.slow
 def test_three_stages_write_complete_checkpoints(synth_dir, tmp_path):
     s1 = run(tiny_config(synth_dir, tmp_path / "s1", stage=1))
     assert s1.counts["steps"] == 4 and s1.metrics["samples_per_s"] > 0
@@ -55,6 +56,7 @@ def test_three_stages_write_complete_checkpoints(synth_dir, tmp_path):
     assert s2.details["trainable_parameters"] > comb.details["trainable_parameters"]
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(synth_dir, tmp_path):
     kw = dict(stage=2, max_steps=6, save_every=3)
     run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=2))
@@ -91,6 +93,7 @@ def test_refuses_to_overwrite_and_to_resume_nothing(synth_dir, tmp_path):
         run(tiny_config(synth_dir, tmp_path / "big", stage=1, batch_size=100000))
 
 
+@pytest.mark.slow
 def test_ablation_switches(synth_dir, tmp_path):
     run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
     init = str(tmp_path / "s1")

@@ -79,3 +79,51 @@ def test_no_ema_update_without_ema_or_in_stage_1(synth_dir, tmp_path):
         before = [p.detach().clone() for p in target.parameters()]
         plugin.after_step(_Tiny(), 1)
         assert all(torch.equal(p, q) for p, q in zip(target.parameters(), before, strict=True))
+
+
+def test_the_target_encoder_is_made_in_prepare_not_in_the_loss(synth_dir, tmp_path):
+    plugin = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "o", stage=2))
+    model = plugin.build()
+    assert plugin.target is None
+    plugin.prepare(model)
+    assert plugin.target is not None and not any(p.requires_grad for p in plugin.target.parameters())
+    for (n, a), b in zip(plugin.target.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert not hasattr(plugin, "_pending_target")
+    for kw in ({"stage": 1}, {"stage": 2, "ema": False}):  # these train without a target encoder
+        p = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "o", **kw))
+        p.prepare(p.build())
+        assert p.target is None and p.state_dict() == {}
+
+
+def test_the_combiner_target_is_the_init_checkpoints_ema_encoder(synth_dir, tmp_path):
+    torch.manual_seed(0)
+    online, _, _ = build_model({"model": "cirkit-tiny", "cross_attn": True, "cross_attn_layers": None})
+    ema = __import__("copy").deepcopy(online)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.5)
+    save_checkpoint(online, tmp_path / "s2", ema=ema, stage="2")
+    plugin = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "c", stage="combiner", init=str(tmp_path / "s2")))
+    model = plugin.build()
+    plugin.prepare(model)
+    for (n, a), b in zip(plugin.target.state_dict().items(), ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    plugin.save(model, tmp_path / "out")  # saved before any step: the inherited EMA encoder goes with it
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(saved["ema.predictor.fc1.weight"], ema.predictor.fc1.weight)
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_the_vit_loss_logs_the_shared_keys(synth_dir, tmp_path, stage):
+    plugin = VitTrainPlugin(tiny_config(synth_dir, tmp_path / "o", stage=stage))
+    model = plugin.build()
+    plugin.prepare(model)
+    ds, collate = plugin.dataset()
+    batch = collate([ds[i] for i in range(4)])
+    assert batch.pop("skipped") == [] and batch.pop("examples") == 4
+    loss, logs = plugin.loss(model, batch)
+    assert set(logs) == {"acc", "temperature"} and logs["temperature"] == pytest.approx(0.07, rel=1e-4)
+    assert loss.ndim == 0 and loss.requires_grad

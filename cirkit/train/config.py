@@ -1,0 +1,108 @@
+"""Every training setting, declared once (torch-free: the CLI reads it to build ``cirkit train --help``).
+
+``resume=True`` marks the settings that change the trained result: ``--resume`` refuses to
+continue a run under other values of exactly these (:func:`resume_keys`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cirkit import config as _config
+from cirkit.config import MAX_BATCH, MAX_WORKERS, check_settings, setting, strict_setting, wait_setting
+
+VIT = "ViT backbone"
+MLLM = "MLLM backbone"
+OPTIM = "Optimisation"
+STAGES = ("1", "2", "combiner")
+BACKBONES = ("vit", "mllm")
+SCHEDULERS = ("cosine", "linear", "constant")
+# Test-only switch read by the loop: compare gradient/weight checksums across processes each step.
+CHECK_SYNC_ENV = "CIRKIT_CHECK_SYNC"
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; recipes set these by name (kebab- or snake-case)."""
+
+    # what and where
+    data: Path | None = setting(
+        None, positional=True, metavar="DATA", resume=True,
+        help="captions.jsonl (stage 1) or triplets.jsonl (stage 2, combiner).")
+    output: Path = setting(Path("runs/model"), short="-o", help="Checkpoint folder to write.")
+    backbone: str = setting("vit", choices=BACKBONES, resume=True, help="The model family to train.")
+    stage: str = setting("2", choices=STAGES, resume=True,
+                         help="1 (image-caption), 2 (triplets) or combiner (fusion weight only).")
+    init: str | None = setting(None, resume=True, help="Checkpoint folder to start from, e.g. the stage-1 output.")
+    model: str = setting("cirkit-small", short="-m", resume=True,
+                         help="open_clip name (vit) or hub id/path (mllm).")
+    pretrained: str | None = setting(None, resume=True, help="open_clip tag or .safetensors weights (vit).")
+    resume: bool = setting(False, help="Continue OUTPUT's interrupted run exactly.")
+    # optimisation
+    max_steps: int = setting(1000, ge=1, resume=True, panel=OPTIM, help="Optimiser steps.")
+    epochs: int | None = setting(None, ge=1, resume=True, panel=OPTIM, help="Epochs; overrides --max-steps.")
+    batch_size: int = setting(32, ge=1, cap=MAX_BATCH, resume=True, panel=OPTIM,
+                              help="Examples per process per micro-batch.")
+    grad_accum: int = setting(1, ge=1, resume=True, panel=OPTIM, help="Micro-batches per optimiser step.")
+    lr: float = setting(1e-4, gt=0, resume=True, panel=OPTIM, help="Peak learning rate (AdamW).")
+    weight_decay: float = setting(0.1, ge=0, resume=True, panel=OPTIM, help="AdamW weight decay.")
+    warmup_steps: int = setting(50, ge=0, resume=True, panel=OPTIM, help="Linear warmup steps.")
+    scheduler: str = setting("cosine", choices=SCHEDULERS, resume=True, panel=OPTIM,
+                             help="Learning-rate schedule after warmup.")
+    max_grad_norm: float | None = setting(1.0, ge=0, resume=True, panel=OPTIM,
+                                          help="Clip gradients to this norm; 0 = off.")
+    precision: str = setting("auto", panel=OPTIM, help="auto (bf16 on GPUs that have it), fp32, bf16, fp16.")
+    seed: int = setting(0, ge=0, resume=True, panel=OPTIM, help="Seed of initialisation and data order.")
+    num_workers: int = setting(2, ge=0, cap=MAX_WORKERS, panel=OPTIM, help="DataLoader worker processes.")
+    log_every: int = setting(10, ge=1, panel=OPTIM, help="Steps between metrics.jsonl lines.")
+    save_every: int = setting(200, ge=0, panel=OPTIM, help="Steps between checkpoint saves; 0 = only at the end.")
+    temperature: float = setting(0.07, gt=0, resume=True, panel=OPTIM, help="InfoNCE temperature at the start.")
+    learn_temperature: bool = setting(True, resume=True, flag="--learn-temperature/--fixed-temperature",
+                                      panel=OPTIM, help="Learn the InfoNCE temperature.")
+    # vit backbone
+    cross_attn: bool = setting(True, resume=True, flag="--cross-attn/--no-cross-attn", panel=VIT,
+                               help="Cross-attention in the vision blocks; off = late fusion ablation.")
+    cross_attn_layers: list[int] | None = setting(
+        None, resume=True, panel=VIT, show_default="all",
+        help="Blocks that get cross-attention, e.g. 0,2,4 or -1 (repeat or comma-separate).")
+    gate_init: float = setting(
+        0.0, resume=True, panel=VIT,
+        help="Initial cross-attention gate g (the residual is scaled by tanh(g)); 0 starts as plain CLIP.")
+    ema: bool = setting(True, resume=True, flag="--ema/--no-ema", panel=VIT,
+                        help="EMA target encoder; off = shared online weights.")
+    ema_momentum: float = setting(0.995, ge=0, le=1, resume=True, panel=VIT, help="EMA momentum per step.")
+    predictor_hidden: int | None = setting(None, ge=1, resume=True, panel=VIT, show_default="2 x embed dim",
+                                           help="Predictor MLP width.")
+    train_text_encoder: bool = setting(True, resume=True, flag="--train-text-encoder/--freeze-text-encoder",
+                                       panel=VIT, help="Train the CLIP text encoder too.")
+    # mllm backbone
+    lora_r: int = setting(16, ge=1, resume=True, panel=MLLM, help="LoRA rank.")
+    lora_alpha: int = setting(32, ge=1, resume=True, panel=MLLM, help="LoRA scale numerator (alpha / r).")
+    lora_dropout: float = setting(0.05, ge=0, lt=1, resume=True, panel=MLLM, help="LoRA dropout.")
+    lora_target_modules: list[str] | None = setting(
+        None, resume=True, panel=MLLM, show_default="the LLM's attention/MLP projections",
+        help="Module names LoRA adapts (repeat or comma-separate).")
+    full_finetune: bool = setting(False, resume=True, panel=MLLM, help="Train all LLM weights instead of LoRA.")
+    freeze_vision: bool = setting(True, resume=True, flag="--freeze-vision/--train-vision", panel=MLLM,
+                                  help="Keep the vision tower and projector frozen.")
+    gradient_checkpointing: bool = setting(False, panel=MLLM, help="Trade compute for memory.")
+    target_image_loss: bool = setting(False, resume=True, panel=MLLM,
+                                      help="Stage 2: also contrast against target images.")
+    max_length: int = setting(128, ge=1, resume=True, panel=MLLM, help="Token limit.")
+    templates: dict[str, str] | None = setting(
+        None, resume=True, cli=False, show_default="the --init checkpoint's, else the built-in ones",
+        help="mllm prompt templates by kind (image, text, composed, end); kinds left out keep the default.")
+    merge: bool = setting(False, panel=MLLM, help="Also export merged LoRA weights as model.safetensors.")
+    trust_remote_code: bool = setting(False, panel=MLLM, help="Allow model code from the hub.")
+    allow_pickle: bool = setting(False, help="Allow loading pickle weights you trust.")
+    strict: bool = strict_setting()
+    wait: bool = wait_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+def resume_keys(cls: type = TrainConfig) -> tuple[str, ...]:
+    """The settings ``--resume`` compares: the fields marked ``resume=True``."""
+    return _config.resume_keys(cls)
