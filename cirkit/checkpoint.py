@@ -57,7 +57,7 @@ STATE_PLUGIN = "plugin.safetensors"        # e.g. the EMA target encoder
 STATE_RNG = "rng.safetensors"
 # Every name a checkpoint save writes; anything else in the folder is the user's and is kept.
 OWNED = frozenset({CONFIG, WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_ARGS, METRICS, STATE_DIR})
-FAMILIES = ("vit", "mllm")  # backbone families that have checkpoint folders
+FAMILIES = ("vit", "mllm", "reformulator")  # backbone families that have checkpoint folders
 
 
 def _loads(text: str) -> Any:
@@ -116,6 +116,19 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
         "merged": (False, *_BOOL),
         "lora": (False, _opt(lambda v: isinstance(v, dict)), "a mapping or null"),
         "temperature": (False, _opt(_num), "a number or null"),
+    },
+    # A LoRA-tuned instruction writer (cirkit.train.reformulator), read by `cirkit reformulate -m`.
+    "reformulator": {
+        "base_model": (True, *_STR),
+        "gguf_file": (False, _opt(_STR[0]), "a string or null"),
+        "model_name": (False, *_STR),
+        "system": (True, *_STR),
+        "prompt": (True, lambda v: isinstance(v, str) and "{reference}" in v and "{target}" in v,
+                   "a string with {reference} and {target}"),
+        "lora": (False, _opt(lambda v: isinstance(v, dict)), "a mapping or null"),
+        "seed_pairs": (False, lambda v: isinstance(v, list) and all(
+            isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x) for x in v),
+            "a list of [caption A, caption B] pairs"),
     },
 }
 

@@ -234,8 +234,12 @@ def _similar_candidates(vectors, min_sim: float, max_sim: float, rng: random.Ran
 
 def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, max_pairs_per_image: int,
                  group_field: str | None = None, vectors=None, min_sim: float = 0.5,
-                 max_sim: float = 0.95) -> list[tuple[int, int]]:
-    """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one."""
+                 max_sim: float = 0.95, skip: set[tuple[str, str]] | frozenset = frozenset()) -> list[tuple[int, int]]:
+    """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one.
+
+    ``skip``: (caption A, caption B) pairs, :func:`normalize`-d, never drawn (a tuned
+    reformulator's seed pairs: it writes only for pairs it was not trained on).
+    """
     rng = random.Random(seed)
     n = len(captions)
     norm = [normalize(c.caption) for c in captions]
@@ -265,11 +269,12 @@ def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, m
             if candidates is None:  # random: rejection-sample, the full list would be n^2
                 for _try in range(32):
                     k = rng.randrange(n)
-                    if k != i and k not in used[i] and norm[k] != norm[i]:
+                    if k != i and k not in used[i] and norm[k] != norm[i] and (norm[i], norm[k]) not in skip:
                         j = k
                         break
             else:
-                free = [k for k in candidates[i] if k not in used[i] and norm[k] != norm[i]]
+                free = [k for k in candidates[i]
+                        if k not in used[i] and norm[k] != norm[i] and (norm[i], norm[k]) not in skip]
                 if free:
                     j = rng.choice(free)
             if j is not None:
@@ -406,11 +411,28 @@ class _Prompting:
 
     @classmethod
     def from_config(cls, config: ReformulateConfig) -> _Prompting:
+        tuned = tuned_reformulator(config)
+        if tuned is not None and config.prompt is None:  # the prompt it was tuned with, no worked examples
+            return cls(tuned["prompt"], config.system if config.system is not None else tuned["system"], [])
         prompt = config.prompt or DEFAULT_PROMPT
         system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
         examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
             if config.prompt is None else []
         return cls(prompt, system, examples)
+
+
+def tuned_reformulator(config: ReformulateConfig) -> dict[str, Any] | None:
+    """The ``config.json`` of ``--model`` when it is a fine-tuned reformulator (``cirkit train --backbone
+    reformulator``), else None; another cirkit checkpoint there is an error naming it."""
+    if config.generator != "llm" or not config.model or config.gguf_file:
+        return None
+    from cirkit.checkpoint import read_config
+
+    cfg = read_config(config.model)
+    if cfg is not None and cfg["backbone"] != "reformulator":
+        raise CirkitError(f"{config.model}: a {cfg['backbone']} retrieval checkpoint, not a reformulator; pass a "
+                          "causal LM or a folder from `cirkit train --backbone reformulator` as --model")
+    return cfg
 
 
 def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -> dict[str, Any]:
@@ -488,9 +510,13 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
     """The run's pairs. ``similar`` needs a text embedding model; the pairs it drew are kept beside
     the output, keyed by everything they depend on, so a re-run (after a crash, or with nothing
     left to do) neither loads that model nor embeds the captions again."""
+    tuned = tuned_reformulator(config)
+    skip = {(a, b) for a, b in tuned.get("seed_pairs", [])} if tuned else set()
+    if skip:
+        log.info("%s: leaving out the %d caption pairs it was tuned on", config.model, len(skip))
     if config.pairing != "similar":
         return sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
-                            config.group_field)
+                            config.group_field, skip=skip)
     import hashlib
 
     from cirkit.io.atomic import atomic_write_json
@@ -504,7 +530,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
     key = hashlib.sha256(json.dumps({
         "captions": [[c.id, c.caption] for c in caps], "embed_model": embed_model, "count": config.count,
         "seed": config.seed, "max_pairs_per_image": config.max_pairs_per_image, "min_sim": config.min_sim,
-        "max_sim": config.max_sim}, ensure_ascii=False).encode("utf-8")).hexdigest()
+        "max_sim": config.max_sim, **({"skip": sorted(skip)} if skip else {})}, ensure_ascii=False).encode("utf-8")).hexdigest()
     plan, index = plan_path(out), {c.id: n for n, c in enumerate(caps)}
     try:
         saved = read_json(plan) if plan.is_file() else None
@@ -516,7 +542,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
 
     vectors = TextEmbedder(embed_model, config.device, config.trust_remote_code).encode([c.caption for c in caps])
     pairs = sample_pairs(caps, "similar", config.count, config.seed, config.max_pairs_per_image,
-                         config.group_field, vectors, config.min_sim, config.max_sim)
+                         config.group_field, vectors, config.min_sim, config.max_sim, skip)
     atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
     return pairs
 
@@ -546,8 +572,14 @@ class _Instructions:
 
         if self.lm is None:
             c = self.config
-            self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code,
-                                     engine=c.engine)
+            tuned = tuned_reformulator(c)
+            if tuned is not None:
+                from cirkit.train.reformulator import load_reformulator
+
+                self.lm = load_reformulator(c.model, tuned, c.device, c.precision, c.trust_remote_code, c.engine)
+            else:
+                self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code,
+                                         engine=c.engine)
             # system + examples: prefilled once, reused by every batch
             self.prefix = shared_prefix(self.lm.tokenizer, self.p.system, self.p.examples, self.p.prompt)
         prompts = [chat_prompt(self.lm.tokenizer, self.p.prompt.format(reference=caps[i].caption.strip(),

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from cirkit.train.config import TrainConfig
     from cirkit.train.plugin import TrainPlugin
 
-TRAINABLE = ("vit", "mllm")
+TRAINABLE = ("vit", "mllm", "reformulator")
 
 
 def plugin_for(config: TrainConfig) -> TrainPlugin:
@@ -28,6 +28,10 @@ def plugin_for(config: TrainConfig) -> TrainPlugin:
         from cirkit.train.mllm import MllmTrainPlugin
 
         return MllmTrainPlugin(config)
+    if config.backbone == "reformulator":
+        from cirkit.train.reformulator import ReformulatorTrainPlugin
+
+        return ReformulatorTrainPlugin(config)
     raise CirkitError(f"cannot train backbone {config.backbone!r}; trainable backbones: {', '.join(TRAINABLE)}")
 
 

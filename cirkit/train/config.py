@@ -16,7 +16,7 @@ VIT = "ViT backbone"
 MLLM = "MLLM backbone"
 OPTIM = "Optimisation"
 STAGES = ("1", "2", "combiner")
-BACKBONES = ("vit", "mllm")
+BACKBONES = ("vit", "mllm", "reformulator")
 SCHEDULERS = ("cosine", "linear", "constant")
 # Test-only switch read by the loop: compare gradient/weight checksums across processes each step.
 CHECK_SYNC_ENV = "CIRKIT_CHECK_SYNC"
@@ -36,7 +36,8 @@ class TrainConfig:
                          help="1 (image-caption), 2 (triplets) or combiner (fusion weight only).")
     init: str | None = setting(None, resume=True, help="Checkpoint folder to start from, e.g. the stage-1 output.")
     model: str = setting("cirkit-small", short="-m", resume=True,
-                         help="open_clip name (vit) or hub id/path (mllm).")
+                         help="open_clip name (vit) or hub id/path (mllm, reformulator: default "
+                               "the offline SmolLM2-135M-Instruct).")
     pretrained: str | None = setting(None, resume=True, help="open_clip tag or .safetensors weights (vit).")
     resume: bool = setting(False, help="Continue OUTPUT's interrupted run exactly.")
     # optimisation
