@@ -8,7 +8,10 @@ Stage 2 of the paper's data pipeline (section II-A): from ``captions.jsonl`` to
    record's ``group``, or else the image's parent folder: like the paper's Fashion200k meta
    classes) and ``similar`` (caption cosine similarity within ``[min_sim, max_sim]``, from a
    sentence embedding model; the paper notes pairs that are too dissimilar give poor
-   instructions). Pairs are drawn round-robin over a shuffled image order, at most
+   instructions), and ``close`` (captions a few words apart: at most ``max_word_changes`` words
+   replaced, besides at most one added or removed phrase; seed 001 §V's fine-grained
+   differences between images that share most of their content, found without any model).
+   Pairs are drawn round-robin over a shuffled image order, at most
    ``max_pairs_per_image`` per reference image; pairs with identical captions are never drawn.
 2. **Generation**: an instruction-tuned causal LM with its chat template (any transformers
    model by hub id or folder, or a GGUF file; offline default SmolLM2-135M-Instruct), batched
@@ -66,7 +69,7 @@ from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
 
-PAIRINGS = ("random", "same-group", "similar")
+PAIRINGS = ("random", "same-group", "similar", "close")
 GENERATORS = ("llm", "template")
 ENGINES = ("hf", "llama-cpp")
 FILTERS = ("empty", "special_chars", "too_long", "copy", "duplicate")
@@ -105,13 +108,18 @@ class ReformulateConfig:
     gguf_file: str | None = setting(None, help="A GGUF file (path, or name inside --model).")
     prompt: str | None = setting(None, help="User prompt with {reference} and {target} placeholders.")
     system: str | None = setting(None, help="System message for the chat template.")
-    pairing: str = setting("random", choices=PAIRINGS, help="How captions are paired: random, same-group, similar.")
+    pairing: str = setting("random", choices=PAIRINGS,
+                           help="How captions are paired: random, same-group, similar, close (a few words apart).")
     group_field: str | None = setting(None, show_default="group, else the parent folder",
                                       help="same-group: caption field to group by.")
     min_sim: float = setting(0.5, ge=-1, le=1, help="similar: lowest caption cosine.")
     max_sim: float = setting(0.95, ge=-1, le=1, help="similar: highest caption cosine.")
     embed_model: str | None = setting(None, show_default="offline all-MiniLM-L6-v2",
                                       help="similar: text embedding model.")
+    # seed 001 §V: CIR queries name fine-grained differences between images that share most of
+    # their content; a pair apart in many attributes gets an instruction naming one of them.
+    max_word_changes: int = setting(1, ge=1, help="close: most words replaced between the two captions "
+                                                  "(a phrase added or removed besides counts as one change).")
     count: int = setting(1000, ge=1, short="-n", help="Pairs to draw.")
     seed: int = setting(0, ge=0, help="Pairing (and sampling) seed.")
     max_pairs_per_image: int = setting(2, ge=1, help="Most pairs with the same reference image.")
@@ -232,9 +240,59 @@ def _similar_candidates(vectors, min_sim: float, max_sim: float, rng: random.Ran
     return out
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def caption_units(text: str) -> list[str]:
+    """A caption's word bigrams (with start and end marks) as a multiset of units (``a b#k``: the k-th use).
+
+    Bigrams keep word order: the same words in other phrases ("a red star and a blue circle"
+    vs "a blue star and a red circle") are not close. One replaced word changes two bigrams.
+    """
+    words = ["<s>", *_WORD.findall(text.lower()), "</s>"]
+    seen: dict[str, int] = defaultdict(int)
+    units = []
+    for a, b in zip(words, words[1:], strict=False):
+        units.append(f"{a} {b}#{seen[a + ' ' + b]}")
+        seen[a + " " + b] += 1
+    return units
+
+
+def _close_candidates(captions: list[str], max_changes: int, max_phrase: int = 10, rng: random.Random | None = None,
+                      cap: int = 256, chunk: int = 1024) -> list[list[int]]:
+    """For each caption, the others a few words away: at most ``max_changes`` words replaced, and
+    besides at most one added or removed phrase of up to ``max_phrase`` words (an object).
+
+    Word counts by multiset overlap, all pairs at once as a product of 0/1 unit matrices.
+    """
+    import torch
+
+    units = [caption_units(c) for c in captions]
+    vocab = {u: k for k, u in enumerate(sorted({u for us in units for u in us}))}
+    x = torch.zeros((len(units), max(1, len(vocab))))
+    for i, us in enumerate(units):
+        x[i, [vocab[u] for u in us]] = 1.0
+    lens = x.sum(1)
+    out: list[list[int]] = []
+    for start in range(0, len(units), chunk):
+        overlap = x[start : start + chunk] @ x.T
+        only_a = lens[start : start + chunk, None] - overlap   # words of A not in B
+        only_b = lens[None, :] - overlap                       # words of B not in A
+        # a replaced word changes 2 bigrams on each side; an added phrase of n words n + 1 on one side
+        replaced, phrase = torch.minimum(only_a, only_b), (only_a - only_b).abs()
+        near = (replaced <= 2 * max_changes) & (phrase <= max_phrase + 1) & ((only_a + only_b) > 0)
+        for r in range(near.shape[0]):
+            idx = torch.nonzero(near[r]).flatten().tolist()
+            if len(idx) > cap and rng is not None:
+                idx = sorted(rng.sample(idx, cap))
+            out.append(idx)
+    return out
+
+
 def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, max_pairs_per_image: int,
                  group_field: str | None = None, vectors=None, min_sim: float = 0.5,
-                 max_sim: float = 0.95, skip: set[tuple[str, str]] | frozenset = frozenset()) -> list[tuple[int, int]]:
+                 max_sim: float = 0.95, skip: set[tuple[str, str]] | frozenset = frozenset(),
+                 max_word_changes: int = 1) -> list[tuple[int, int]]:
     """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one.
 
     ``skip``: (caption A, caption B) pairs, :func:`normalize`-d, never drawn (a tuned
@@ -255,6 +313,8 @@ def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, m
         if vectors is None:
             raise ValueError("pairing 'similar' needs caption vectors")
         candidates = _similar_candidates(vectors, min_sim, max_sim, random.Random(seed + 1))
+    elif pairing == "close":
+        candidates = _close_candidates([c.caption for c in captions], max_word_changes, rng=random.Random(seed + 1))
 
     order = list(range(n))
     rng.shuffle(order)
@@ -447,7 +507,8 @@ def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -
                      "settings": settings.to_dict()}
     else:
         generator = {"type": "template", "model": "template", "prompt": None}
-    generator.update(pairing=config.pairing, seed=config.seed)
+    generator.update(pairing=config.pairing, seed=config.seed,
+                     **({"max_word_changes": config.max_word_changes} if config.pairing == "close" else {}))
     return generator
 
 
@@ -516,7 +577,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
         log.info("%s: leaving out the %d caption pairs it was tuned on", config.model, len(skip))
     if config.pairing != "similar":
         return sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
-                            config.group_field, skip=skip)
+                            config.group_field, skip=skip, max_word_changes=config.max_word_changes)
     import hashlib
 
     from cirkit.io.atomic import atomic_write_json
@@ -553,6 +614,8 @@ def _no_pairs(config: ReformulateConfig, captions_path: Path) -> CirkitError:
         + (" (no two images share a group; set --group-field)" if config.pairing == "same-group" else "")
         + (f" (no caption pair has a similarity in [{config.min_sim}, {config.max_sim}])"
            if config.pairing == "similar" else "")
+        + (f" (no two captions are within {config.max_word_changes} replaced words; raise --max-word-changes)"
+           if config.pairing == "close" else "")
     )
 
 
