@@ -501,7 +501,9 @@ def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -
         from cirkit.generation import causal_lm_ref
 
         _, gguf_file, name = causal_lm_ref(config.model, config.gguf_file)  # names it, loads nothing
+        tuned = tuned_reformulator(config)
         generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
+                     **({"base_model": tuned.get("model_name", tuned["base_model"]), "adapter": "lora"} if tuned else {}),
                      "prompt": p.prompt, "system": p.system,
                      "examples": [list(e) for e in DEFAULT_EXAMPLES] if p.examples else [],
                      "settings": settings.to_dict()}
