@@ -20,6 +20,8 @@ TRAINABLE = ("vit", "mllm", "reformulator")
 
 def plugin_for(config: TrainConfig) -> TrainPlugin:
     """The plugin that trains ``config.backbone``."""
+    if config.lora_layers and config.backbone != "reformulator":
+        raise CirkitError(f"--lora-layers applies to --backbone reformulator only, not {config.backbone}; drop it")
     if config.backbone == "vit":
         from cirkit.train.vit import VitTrainPlugin
 

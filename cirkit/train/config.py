@@ -84,6 +84,9 @@ class TrainConfig:
     lora_target_modules: list[str] | None = setting(
         None, resume=True, panel=MLLM, show_default="the LLM's attention/MLP projections",
         help="Module names LoRA adapts (repeat or comma-separate).")
+    lora_layers: int | None = setting(
+        None, ge=1, resume=True, panel=MLLM, show_default="all",
+        help="reformulator: LoRA on the top N transformer layers only (backward stops below them: cheaper steps).")
     full_finetune: bool = setting(False, resume=True, panel=MLLM, help="Train all LLM weights instead of LoRA.")
     freeze_vision: bool = setting(True, resume=True, flag="--freeze-vision/--train-vision", panel=MLLM,
                                   help="Keep the vision tower and projector frozen.")

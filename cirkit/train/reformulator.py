@@ -109,8 +109,15 @@ class ReformulatorTrainPlugin(TrainPlugin):
         if not use:
             raise CirkitError(f"none of the LoRA target modules {', '.join(wanted)} exist in {self.model_name}; "
                               f"choose from {', '.join(sorted(present - {'lm_head'}))} with --lora-target-modules")
+        n_layers = int(model.config.num_hidden_layers)
+        if c.lora_layers and c.lora_layers > n_layers:
+            raise CirkitError(f"--lora-layers {c.lora_layers}: {self.model_name} has {n_layers} layers")
+        # Only the top layers adapted: no parameter below them needs a gradient, so autograd stops
+        # there and a step costs a forward pass plus the backward of those layers only.
+        layers = list(range(n_layers - c.lora_layers, n_layers)) if c.lora_layers else None
         cfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=use,
-                         task_type="CAUSAL_LM")
+                         layers_to_transform=layers, task_type="CAUSAL_LM")
+        self.layers = layers
         with peft_quiet():
             pm = get_peft_model(model, cfg)
         self.targets = use
@@ -190,7 +197,7 @@ class ReformulatorTrainPlugin(TrainPlugin):
             folder, "reformulator",
             base_model=self.base_model, gguf_file=self.gguf_file, model_name=self.model_name,
             system=TUNED_SYSTEM, prompt=TUNED_PROMPT,
-            lora={"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": self.targets},
+            lora={"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": self.targets, "layers": self.layers},
             seed_pairs=self.seed_pairs,
         )
 

@@ -138,3 +138,16 @@ def test_reformulate_refuses_a_retrieval_checkpoint_as_model(data, tmp_path):
     write_config(vit, "vit", model="cirkit-tiny")
     with pytest.raises(CirkitError, match="retrieval checkpoint, not a reformulator"):
         reformulate(ReformulateConfig(captions=data / "captions.jsonl", output=tmp_path / "t.jsonl", model=str(vit)))
+
+
+def test_lora_on_the_top_layers_only(tiny_lm, data, tmp_path):
+    from cirkit.train import plugin_for
+
+    plugin = ReformulatorTrainPlugin(_cfg(tiny_lm, data, tmp_path / "x", lora_layers=1))
+    model = plugin.build()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in n and "lora_" in n for n in trained)  # the tiny Llama has 2 layers
+    with pytest.raises(CirkitError, match="has 2 layers"):
+        ReformulatorTrainPlugin(_cfg(tiny_lm, data, tmp_path / "x", lora_layers=3)).build()
+    with pytest.raises(CirkitError, match="--backbone reformulator only"):
+        plugin_for(_cfg(tiny_lm, data, tmp_path / "x", backbone="mllm", lora_layers=1))
