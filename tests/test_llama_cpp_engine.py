@@ -237,3 +237,32 @@ def test_lora_adapters_llama_cpp_cannot_apply_are_refused(tmp_path, tiny_gguf):
         write_lora_gguf(_lora(hf.model, use_rslora=True), tmp_path / "a.gguf")
     with pytest.raises(CirkitError, match="no such LoRA adapter"):
         load_llama_cpp(str(tiny_gguf), lora_path=tmp_path / "missing.gguf")
+
+
+@pytest.mark.slow
+def test_a_tuned_reformulator_runs_on_llama_cpp_with_its_adapter(tmp_path, tiny_gguf):
+    """`reformulate -m <reformulator folder> --engine llama-cpp`: the base GGUF plus the adapter written for llama.cpp."""
+    import json
+
+    from cirkit.checkpoint import read_config
+    from cirkit.train import run as train
+    from cirkit.train.config import TrainConfig
+    from cirkit.train.reformulator import load_reformulator
+
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("".join(json.dumps({"reference_caption": f"a {a} star", "target_caption": f"a {b} star",
+                                        "instruction": f"make the star {b}"}) + "\n"
+                            for a, b in [("red", "blue"), ("blue", "green"), ("green", "red"), ("red", "green")]))
+    out = tmp_path / "ft"
+    train(TrainConfig(backbone="reformulator", data=seed, model=str(tiny_gguf), output=out, epochs=2, batch_size=2,
+                      lr=1e-2, warmup_steps=0, lora_r=4, lora_alpha=8, lora_dropout=0.0, num_workers=0, save_every=0))
+    cfg = read_config(out)
+    assert cfg["gguf_file"] == tiny_gguf.name
+    hf = load_reformulator(out, cfg)
+    cpp = load_reformulator(out, cfg, engine="llama-cpp")
+    assert isinstance(cpp, LlamaCppLM) and cpp.model_id == str(out)
+    prompts = [chat_prompt(hf.tokenizer, cfg["prompt"].format(reference="a red star", target=f"a {c} star"),
+                           cfg["system"]) for c in ("blue", "green")]
+    settings = GenerationSettings(max_new_tokens=4)
+    # float32 weights on both sides (the KV cache is float16 in llama.cpp): greedy text agrees
+    assert generate_texts(cpp, prompts, settings) == generate_texts(hf, prompts, settings)

@@ -191,7 +191,7 @@ class ReformulatorTrainPlugin(TrainPlugin):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with peft_quiet():
-            wrapper.lm.save_pretrained(str(folder))
+            wrapper.lm.save_pretrained(str(folder), save_embedding_layers=False)  # LoRA only: no vocab check
         (folder / "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
         write_config(
             folder, "reformulator",
