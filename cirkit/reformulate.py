@@ -9,7 +9,7 @@ Stage 2 of the paper's data pipeline (section II-A): from ``captions.jsonl`` to
    classes) and ``similar`` (caption cosine similarity within ``[min_sim, max_sim]``, from a
    sentence embedding model; the paper notes pairs that are too dissimilar give poor
    instructions), and ``close`` (captions a few words apart: at most ``max_word_changes`` words
-   replaced, besides at most one added or removed phrase; seed 001 §V's fine-grained
+   replaced, or one phrase added or removed; seed 001 §V's fine-grained
    differences between images that share most of their content, found without any model).
    Pairs are drawn round-robin over a shuffled image order, at most
    ``max_pairs_per_image`` per reference image; pairs with identical captions are never drawn.
@@ -119,7 +119,7 @@ class ReformulateConfig:
     # seed 001 §V: CIR queries name fine-grained differences between images that share most of
     # their content; a pair apart in many attributes gets an instruction naming one of them.
     max_word_changes: int = setting(1, ge=1, help="close: most words replaced between the two captions "
-                                                  "(a phrase added or removed besides counts as one change).")
+                                                  "(or else one phrase added or removed).")
     count: int = setting(1000, ge=1, short="-n", help="Pairs to draw.")
     seed: int = setting(0, ge=0, help="Pairing (and sampling) seed.")
     max_pairs_per_image: int = setting(2, ge=1, help="Most pairs with the same reference image.")
@@ -260,10 +260,10 @@ def caption_units(text: str) -> list[str]:
 
 def _close_candidates(captions: list[str], max_changes: int, max_phrase: int = 10, rng: random.Random | None = None,
                       cap: int = 256, chunk: int = 1024) -> list[list[int]]:
-    """For each caption, the others a few words away: at most ``max_changes`` words replaced, and
-    besides at most one added or removed phrase of up to ``max_phrase`` words (an object).
+    """For each caption, the others a few words away: at most ``max_changes`` words replaced, or
+    else one phrase of up to ``max_phrase`` words (an object) added or removed, not both.
 
-    Word counts by multiset overlap, all pairs at once as a product of 0/1 unit matrices.
+    Bigram counts by multiset overlap, all pairs at once as a product of 0/1 unit matrices.
     """
     import torch
 
@@ -278,9 +278,11 @@ def _close_candidates(captions: list[str], max_changes: int, max_phrase: int = 1
         overlap = x[start : start + chunk] @ x.T
         only_a = lens[start : start + chunk, None] - overlap   # words of A not in B
         only_b = lens[None, :] - overlap                       # words of B not in A
-        # a replaced word changes 2 bigrams on each side; an added phrase of n words n + 1 on one side
-        replaced, phrase = torch.minimum(only_a, only_b), (only_a - only_b).abs()
-        near = (replaced <= 2 * max_changes) & (phrase <= max_phrase + 1) & ((only_a + only_b) > 0)
+        # A replaced word changes 2 bigrams on each side. An added phrase of n words adds about
+        # n + 1 bigrams to one side and breaks at most 1 on the other (where it is spliced in).
+        replaced = (only_a <= 2 * max_changes) & (only_b <= 2 * max_changes)
+        phrase = (torch.minimum(only_a, only_b) <= 1) & (torch.maximum(only_a, only_b) <= max_phrase + 2)
+        near = (replaced | phrase) & ((only_a + only_b) > 0)
         for r in range(near.shape[0]):
             idx = torch.nonzero(near[r]).flatten().tolist()
             if len(idx) > cap and rng is not None:

@@ -379,6 +379,7 @@ def test_close_pairing_finds_captions_a_few_words_apart_and_nothing_else():
         "a small red star on the left, on a gray background",                  # 6: the same caption as 0
         "a large green hexagon in the bottom right, on a beige background",    # 7: far from all
         "a small blue circle on the left and a large red star at the top, on a gray background",  # 8: 4's words, swapped
+        "a small red star on the left and a large blue circle at the top, on a navy background",  # 9: 0 + object + bg
     ]
     pairs = _close(texts)
     both = lambda a, b: {(a, b), (b, a)} <= pairs  # noqa: E731
@@ -388,6 +389,7 @@ def test_close_pairing_finds_captions_a_few_words_apart_and_nothing_else():
     assert not any(7 in p for p in pairs)
     assert (0, 6) not in pairs and (6, 0) not in pairs  # identical captions are no edit
     assert (4, 8) not in pairs and (8, 4) not in pairs  # the same words in other phrases are not close
+    assert (0, 9) not in pairs and (9, 0) not in pairs and both(3, 9)  # a phrase and a word: two edits, not one
     # the sampler draws only these, and never a pair with identical captions
     from cirkit.reformulate import normalize
 
