@@ -35,15 +35,14 @@ a CSV with those columns, or a JSON list/mapping) into the same format.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cirkit.config import (
+    UsageError,
     batch_size_setting,
     check_settings,
     device_setting,
@@ -58,7 +57,16 @@ from cirkit.config import (
     wait_setting,
 )
 from cirkit.errors import CirkitError, ImageError, RecordError
-from cirkit.io.atomic import check_file_output, glob_escape
+from cirkit.io.atomic import check_file_output, is_stdio
+from cirkit.io.datasets import (
+    DatasetOptions,
+    dataset_split_setting,
+    id_column_setting,
+    image_column_setting,
+    input_format_setting,
+    is_dataset,
+    text_column_setting,
+)
 from cirkit.io.images import IMAGE_EXTENSIONS, NOT_UTF8_NAME, display_path, list_images
 from cirkit.io.jsonl import (
     JsonlAppender,
@@ -70,7 +78,8 @@ from cirkit.io.jsonl import (
     read_jsonl,
 )
 from cirkit.io.lock import output_lock
-from cirkit.records import Caption, relative_path, resolve_path
+from cirkit.io.shards import ids_in, jsonl_shard, merge_parts, part_path, parts
+from cirkit.records import Caption, is_url, output_dir, relative_path, resolve_path
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
@@ -88,9 +97,9 @@ class CaptionConfig:
     """Settings of ``cirkit caption`` (CLI flags, recipe keys and Python arguments alike)."""
 
     images: Path | None = setting(
-        None, positional=True, metavar="IMAGES",
+        None, positional=True, metavar="IMAGES", stdio="in",
         help="A folder of images (recursive) or a gallery/captions JSONL with id and image.")
-    output: Path = setting(Path("captions.jsonl"), short="-o", help="Captions JSONL to write or resume.")
+    output: Path = setting(Path("captions.jsonl"), short="-o", stdio="out", help="Captions JSONL to write or resume.")
     from_file: Path | None = setting(
         None, flag="--from",
         help="Import existing captions (JSONL with id/image/caption, CSV, or JSON) instead of running a model.")
@@ -110,56 +119,35 @@ class CaptionConfig:
     precision: str | None = precision_setting(aliases=("--dtype",))
     trust_remote_code: bool = trust_remote_code_setting()
     wait: bool = wait_setting()
+    image_column: str | None = image_column_setting()
+    id_column: str | None = id_column_setting()
+    text_column: str | None = text_column_setting("captions to import (--from)", "caption, text or txt")
+    dataset_split: str | None = dataset_split_setting()
+    input_format: str = input_format_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)
 
 
-def part_path(output: Path, rank: int) -> Path:
-    return output.with_name(f"{output.name}.part-{rank}")
+# The part-file protocol lives in cirkit.io.shards (shared with reformulate); the names stay importable here.
+__all__ = ["CaptionConfig", "import_captions", "merge_parts", "part_path", "run"]
+_parts = parts
+_ids_in = ids_in
 
 
-def _parts(output: Path) -> list[Path]:
-    """The part files ranks wrote: exactly ``<output>.part-<rank>`` (a user's other files are never merged)."""
-    if not output.parent.is_dir():
-        return []
-    found = output.parent.glob(f"{glob_escape(output.name)}.part-*")
-    return sorted(p for p in found if p.name[len(output.name) + len(".part-"):].isdigit())
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Complete records of an output or part (a torn last line, still being written or left by a
-    crash, is passed over); a complete line that is not a record with an id is an error, never dropped."""
-    for lineno, obj in iter_complete(path):
-        if not isinstance(obj, dict) or "id" not in obj:
-            raise RecordError(path, lineno, "expected a JSON object with an 'id'; fix or remove this line")
-        yield lineno, obj
-
-
-def _ids_in(path: Path) -> set[str]:
-    return {str(obj["id"]) for _, obj in _records(path)}
-
-
-def merge_parts(output: Path) -> int:
-    """Append the records of every ``output.part-<rank>`` to ``output`` (once per id), then delete the parts."""
-    parts = _parts(output)
-    if not parts:
-        return 0
-    moved = 0
-    with JsonlAppender(output) as writer:
-        for part in parts:
-            for _, obj in _records(part):
-                moved += writer.write(obj)
-    for part in parts:  # only after everything is safely in the output
-        part.unlink(missing_ok=True)
-    return moved
-
-
-def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | None]]:
-    """``(id, image path, group)`` from a folder of images or a gallery/captions JSONL.
+def _inputs(images: Path, result: StageResult, options: DatasetOptions, proc: Any,
+            limit: int | None = None) -> tuple[list[tuple[str, Any, str | None]], bool]:
+    """``(id, image, group)`` from a folder of images, a gallery/captions JSONL or a dataset, and
+    whether the list is already this process's share (a dataset is split by ``datasets`` itself).
 
     Files whose names cannot be written as UTF-8 text are counted as skipped, named.
     """
+    if is_dataset(images, options):
+        from cirkit.io.datasets import image_items
+
+        if options.streaming:
+            raise CirkitError(f"{images}: caption reads a dataset by row; leave out --streaming")
+        return [(k, ref, None) for k, ref in image_items(images, options, proc.rank, proc.world, limit)], True
     if images.is_dir():
         out, unnamed = [], []
         for key, path in list_images(images, skipped=unnamed):
@@ -167,9 +155,10 @@ def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | No
             out.append((key, path, None if parent == "." else parent))
         for item, reason in unnamed:
             result.skip(item, reason)
-        return out
-    if not images.exists():
-        raise CirkitError(f"{display_path(images)}: no such folder or file (give a folder of images or a gallery JSONL)")
+        return out, False
+    if not images.exists() and not is_stdio(images):
+        raise CirkitError(f"{display_path(images)}: no such folder or file (give a folder of images, a gallery JSONL "
+                          f"or a dataset)")
     if images.suffix.lower() in IMAGE_EXTENSIONS:
         raise CirkitError(f"{images}: is an image; give the folder that holds it (or a gallery JSONL listing it)")
     out, seen = [], set()
@@ -179,6 +168,9 @@ def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | No
             raise RecordError(images, lineno, "missing (each line needs id and image)", "image")
         if not isinstance(image, str) or not image.strip():
             raise RecordError(images, lineno, f"expected a non-empty string (an image path), got {image!r:.60}", "image")
+        if is_url(image):
+            raise RecordError(images, lineno, f"{image[:80]!r} is a URL; cirkit reads images from local files, so "
+                                              "download them and list their paths", "image")
         if isinstance(obj.get("id"), (bool, float, list, dict)):
             raise RecordError(images, lineno, f"expected a string, got {obj['id']!r:.60}", "id")
         key = str(obj.get("id") or Path(image).stem)
@@ -189,7 +181,7 @@ def _inputs(images: Path, result: StageResult) -> list[tuple[str, Path, str | No
         out.append((key, resolve_path(image, images.parent), None if group is None else str(group)))
     if not out:
         raise CirkitError(f"{images}: no images listed")
-    return out
+    return out, False
 
 
 def _identity(image: Any) -> Any:  # picklable "transform" for DataLoader workers
@@ -214,17 +206,6 @@ def _check_same_model(output: Path, model: str, prompt: str | None) -> None:
             break
 
 
-@contextlib.contextmanager
-def _locked(out: Path, rank: int, world: int, wait: bool) -> Iterator[None]:
-    """The single-writer locks of this process: the output (main process) and its own part file."""
-    with contextlib.ExitStack() as stack:
-        if rank == 0:
-            stack.enter_context(output_lock(out, wait=wait, what="captions file"))
-        if world > 1:
-            stack.enter_context(output_lock(part_path(out, rank), wait=wait, what="captions part file"))
-        yield
-
-
 class _Captioner:
     """The captioning model, loaded on first use: a run with nothing left to caption loads none."""
 
@@ -240,12 +221,25 @@ class _Captioner:
             c = self.config
             self.cap = load_captioner(c.model, c.device or self.device, c.precision, c.trust_remote_code)
             self.prompt = (c.prompt or DEFAULT_PROMPT) if self.cap.chat else c.prompt
-            _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
+            if not is_stdio(self.out):
+                _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
         return self.cap
 
 
-def _text_path(path: Path, out_dir: Path) -> str | None:
-    """``path`` as written in the output (relative to it), or None if it is not UTF-8 text."""
+def images_folder(output: Path) -> Path:
+    """Where dataset images with no file of their own are written, so captions name files (train reads them)."""
+    return output.with_name(f"{output.name}.images")
+
+
+def _text_path(path: Any, out_dir: Path, output: Path | None = None) -> str | None:
+    """``path`` as written in the output (relative to it), or None if it is not UTF-8 text.
+
+    A dataset row's image (bytes, no file) is first written into :func:`images_folder`.
+    """
+    if not isinstance(path, (str, Path)):
+        from cirkit.io.datasets import export_image
+
+        path = export_image(path, images_folder(output if output is not None else out_dir / "captions.jsonl"))
     rel = relative_path(path, out_dir)
     try:
         rel.encode("utf-8")
@@ -258,9 +252,10 @@ def run(config: CaptionConfig) -> StageResult:
     """Caption images (or import captions with ``from_file``), appending records as they finish."""
     wait = bool(config.wait)
     if config.from_file is not None:
-        return import_captions(config.from_file, config.output, strict=config.strict, wait=wait)
+        return import_captions(config.from_file, config.output, strict=config.strict, wait=wait,
+                               options=DatasetOptions.of(config))
     if config.images is None:
-        raise CirkitError("give a folder of images (or a gallery JSONL) to caption, or --from FILE to import captions")
+        raise UsageError("give a folder of images (or a gallery JSONL) to caption, or --from FILE to import captions")
     from cirkit.device import process_info
     from cirkit.generation import GenerationSettings
 
@@ -274,67 +269,74 @@ def run(config: CaptionConfig) -> StageResult:
     check_not_input(out, images)
     check_output_kind(out, Caption)  # before its ids count as done
     proc = process_info()
+    if is_stdio(out) and proc.world > 1:
+        raise CirkitError("-o - streams captions from one process; under accelerate launch write them to a file")
     with timed(result):
-        items = _inputs(images, result)
+        items, shared = _inputs(images, result, DatasetOptions.of(config), proc, config.limit)
         if config.limit is not None:
             items = items[: config.limit]
-        with _locked(out, proc.rank, proc.world, wait):
-            _caption(config, settings, items, out, proc, result)
-        result.outputs = {"captions": str(out)}
+        with jsonl_shard(out, proc, wait, "captions file") as shard:
+            _caption(config, settings, items, shared, out, shard, proc, result)
+            result.outputs = {"captions": str(out)}
+        if shard.merged:
+            result.counts["merged_from_parts"] = shard.merged
+        _sum_processes(result, proc)
     return result
 
 
-def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Path, str | None]], out: Path,
-             proc: Any, result: StageResult) -> None:
-    from cirkit.device import shard_of
+def _sum_processes(result: StageResult, proc: Any) -> None:
+    """On the main process, the counts of every process (each reported its own share)."""
+    if proc.world <= 1:
+        return
+    mine = {k: result.counts.get(k, 0) for k in ("captioned", "empty")}
+    every = proc.gather(mine)
+    for k in ("captioned", "empty"):
+        result.counts[k] = sum(c[k] for c in every)
+    result.details["per_process"] = [c["captioned"] for c in every]
+
+
+def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Any, str | None]], shared: bool,
+             out: Path, shard: Any, proc: Any, result: StageResult) -> None:
+    from cirkit.device import my_share
     from cirkit.encode import default_workers, iter_image_batches
     from cirkit.generation import caption_images
 
-    _check_same_model(out, config.model, config.prompt)  # before any model is loaded
-    done = _ids_in(out)
-    for part in _parts(out):
-        done |= _ids_in(part)
-    proc.wait()  # everyone has read the done set before anyone appends
-    out_dir = out.parent.resolve()
-    mine, paths = [], {}
-    for k, p, _ in items:
-        if k in done or shard_of(k, proc.world) != proc.rank:
+    if not is_stdio(out):  # standard output has nothing to resume
+        _check_same_model(out, config.model, config.prompt)  # before any model is loaded
+    done = shard.done
+    out_dir = output_dir(out)
+    mine, shown, group_of = [], {}, {k: g for k, _, g in items}
+    for k, p, _ in items if shared else my_share(items, proc):
+        if k in done:
             continue
-        rel = _text_path(p, out_dir)
-        if rel is None:
+        if isinstance(p, Path) and _text_path(p, out_dir) is None:
             result.skip(display_path(p), NOT_UTF8_NAME)
             continue
         mine.append((k, p))
-        paths[k] = (p, rel)
-    group_of = {k: g for k, _, g in items}
-    result.counts["images"] = len(items)
-    result.counts["already_done"] = sum(1 for k, _, _ in items if k in done)
-    target = out if proc.world == 1 else part_path(out, proc.rank)
+        shown[k] = p
+    result.counts["images"] = len(items) if not shared else sum(proc.gather(len(items)))
+    result.counts["already_done"] = len(done & set(group_of)) if not shared else sum(
+        proc.gather(sum(1 for k in group_of if k in done)))
     workers = default_workers() if config.num_workers is None else config.num_workers
     model = _Captioner(config, proc.device, out)
     captioned = empty = 0
     rate = Rate("img")
-    with JsonlAppender(target) as writer, make_progress() as progress:
+    with JsonlAppender(shard.target) as writer, make_progress() as progress:
         task = progress.add_task("captioning" + (f" [{proc.rank}/{proc.world}]" if proc.world > 1 else ""),
                                  total=len(mine), rate="")
         for ids, images, bad in iter_image_batches(mine, _identity, _as_list, config.batch_size, workers) if mine else ():
             for key, reason in bad:
                 if config.strict:
-                    raise ImageError(display_path(paths[key][0]), reason)
+                    raise ImageError(display_path(str(shown[key])), reason)
                 result.skip(key, reason)
             if ids:
                 texts = caption_images(model.get(), images, model.prompt, settings)
                 for key, text in zip(ids, texts, strict=True):
                     empty += not text.strip()
                     captioned += writer.write(Caption(
-                        id=key, image=paths[key][1], caption=text, model=model.cap.model_id, prompt=model.prompt,
-                        settings=settings.to_dict(), group=group_of.get(key)))
+                        id=key, image=_text_path(shown[key], out_dir, out), caption=text, model=model.cap.model_id,
+                        prompt=model.prompt, settings=settings.to_dict(), group=group_of.get(key)))
             progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
-    proc.wait()
-    if proc.is_main:
-        merged = merge_parts(out)
-        if merged:
-            result.counts["merged_from_parts"] = merged
     result.counts["captioned"] = captioned
     result.counts["empty"] = empty
     if writer.duplicates:
@@ -342,7 +344,7 @@ def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Path, 
     if model.cap is None:
         result.details["nothing_to_do"] = True
         log.info("%s: nothing to do: %d of %d images already captioned%s", out, result.counts["already_done"],
-                 len(items), f", {len(result.skipped)} skipped" if result.skipped else "")
+                 result.counts["images"], f", {len(result.skipped)} skipped" if result.skipped else "")
     result.details.update(model=config.model, prompt=model.prompt, settings=settings.to_dict(),
                           process=f"{proc.rank}/{proc.world}")
 
@@ -350,8 +352,10 @@ def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Path, 
 # --------------------------------------------------------------------------- import
 
 
-def _read_any(path: Path) -> list[tuple[str, int | None, Any]]:
-    """``(where, line, row)`` for each row of a captions file to import (JSONL, CSV or JSON)."""
+def _read_any(path: Path, options: DatasetOptions | None = None) -> list[tuple[str, int | None, Any]]:
+    """``(where, line, row)`` for each row of a captions file (JSONL, CSV or JSON) or dataset to import."""
+    if is_dataset(path, options):
+        return _read_dataset(path, options or DatasetOptions())
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return [(str(path), n, row) for n, row in read_jsonl(path)]
@@ -365,6 +369,22 @@ def _read_any(path: Path) -> list[tuple[str, int | None, Any]]:
             return [(f"{path} item {n}", None, x) for n, x in enumerate(data)]
         raise CirkitError(f"{path}: expected a JSON list of objects or a mapping image -> caption")
     raise CirkitError(f"{path}: cannot import {suffix or 'this file'}; use .jsonl, .csv or .json")
+
+
+def _read_dataset(path: Path, options: DatasetOptions) -> list[tuple[str, int | None, Any]]:
+    """Rows of a captions dataset: id, image (a file path, or the row's image bytes), caption text."""
+    from cirkit.io.datasets import image_cell, open_rows, raw_rows
+
+    rows = open_rows(path, options, text_names=("caption", "text", "txt"), text_what="captions", text_required=True)
+    out: list[tuple[str, int | None, Any]] = []
+    cells: dict[str, Any] = {}
+    for n, row in enumerate(raw_rows(rows)):
+        key = str(row[rows.id]) if rows.id else str(n)
+        extra = {k: v for k, v in row.items() if k not in (rows.id, rows.image, rows.text) and not k.startswith("__")
+                 and isinstance(v, (str, int, float, bool))}
+        out.append((rows.label(key), None, {**extra, "id": key, "caption": row.get(rows.text),
+                                            "image": image_cell(row, rows.image, rows, key, cells, n)}))
+    return out
 
 
 def _read_csv(path: Path) -> list[tuple[str, int | None, Any]]:
@@ -393,11 +413,11 @@ def _import_record(where: str, line: int | None, row: Any, source: Path) -> tupl
     for name, value in (("image", image), ("caption", text)):
         if value is None or (name == "image" and value == ""):
             raise RecordError(where, line, "missing", name)
-        if not isinstance(value, str):
+        if not isinstance(value, str) and not (name == "image" and hasattr(value, "image_source")):
             raise RecordError(where, line, f"expected a string, got {value!r:.60}", name)
     if row.get("id") not in (None, "") and (not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool)):
         raise RecordError(where, line, f"expected a string, got {row['id']!r:.60}", "id")
-    key = str(row.get("id") or Path(image).with_suffix("").as_posix())
+    key = str(row.get("id") or Path(str(image)).with_suffix("").as_posix())
     extra = {k: v for k, v in row.items() if k not in ("id", "image", "caption", "model", "prompt",
                                                        "settings", "group") and v not in (None, "")}
     fields = {"id": key, "caption": text, "model": str(row.get("model") or "imported"),
@@ -407,20 +427,37 @@ def _import_record(where: str, line: int | None, row: Any, source: Path) -> tupl
     return key, image, fields
 
 
-def import_captions(source: Path, output: Path, strict: bool = False, wait: bool = False) -> StageResult:
-    """Copy captions from ``source`` into ``output``'s format, image paths made relative to ``output``."""
+def _exported(image: Any, out_dir: Path, output: Path, key: str, strict: bool, result: StageResult) -> str | None:
+    """The output-relative path of a dataset image written into :func:`images_folder` (None: skipped)."""
+    try:
+        return _text_path(image, out_dir, output)
+    except ImageError as e:
+        if strict:
+            raise
+        result.skip(key, e.reason)
+        return None
+
+
+def import_captions(source: Path, output: Path, strict: bool = False, wait: bool = False,
+                    options: DatasetOptions | None = None) -> StageResult:
+    """Copy captions from ``source`` into ``output``'s format, image paths made relative to ``output``.
+
+    ``source`` may be a dataset (id, image, caption columns): images with no file of their own are
+    written once into :func:`images_folder`, so the captions name files like any others.
+    """
     result = StageResult("caption")
     source, output = Path(source), Path(output)
-    if not source.exists():
+    dataset = is_dataset(source, options)
+    if not source.exists() and not dataset:
         raise CirkitError(f"{source}: no such file to import")
-    if source.is_dir():
-        raise CirkitError(f"{source}: is a folder; --from takes a captions file (.jsonl, .csv or .json)")
+    if source.is_dir() and not dataset:
+        raise CirkitError(f"{source}: is a folder; --from takes a captions file (.jsonl, .csv or .json) or a dataset")
     check_file_output(output)
     check_not_input(output, source)
     check_output_kind(output, Caption)
     with timed(result), output_lock(output, wait=wait, what="captions file"):
-        rows = _read_any(source)
-        out_dir = output.parent.resolve()
+        rows = _read_any(source, options)
+        out_dir = output_dir(output)
         seen: dict[str, str] = {}
         records: list[tuple[str, str, int | None, Path, dict[str, Any]]] = []
         for where, line, row in rows:  # every row is checked before anything is written
@@ -429,11 +466,17 @@ def import_captions(source: Path, output: Path, strict: bool = False, wait: bool
             if key in seen:
                 raise RecordError(where, line, f"duplicate id {key!r} (first at {seen[key]})", "id")
             seen[key] = at
-            Caption.from_dict({**fields, "image": image}, where, line)
-            records.append((at, where, line, resolve_path(image, source.parent), fields))
+            Caption.from_dict({**fields, "image": str(image)}, where, line)
+            records.append((at, where, line, image if not isinstance(image, str) else resolve_path(image, source.parent),
+                            fields))
         imported = 0
         with JsonlAppender(output) as writer:
             for at, where, line, path, fields in records:
+                if not isinstance(path, Path):  # a dataset row's image: written beside the output, once
+                    writer_rel = _exported(path, out_dir, output, fields["id"], strict, result)
+                    if writer_rel is not None:
+                        imported += writer.write(Caption.from_dict({**fields, "image": writer_rel}, where, line))
+                    continue
                 rel = _text_path(path, out_dir) if path.exists() else None
                 if rel is None:
                     reason = "no such file" if not path.exists() else NOT_UTF8_NAME

@@ -7,8 +7,14 @@ constants and ``CheckpointClient``; litgpt ``check_valid_checkpoint_dir``)::
 
     config.json                  backbone family + architecture         write_config / read_config
     model.safetensors            weights (vit; mllm merged or fully fine-tuned)
+    cirkit.json                  instead of config.json where the folder is also a transformers model
+                                 (mllm with complete weights): config.json, generation_config.json and
+                                 the processor files are then the model's own, so
+                                 AutoModelForImageTextToText.from_pretrained(folder) loads it without cirkit
     adapter_config.json          mllm LoRA, peft's own files (load with plain peft)
     adapter_model.safetensors
+    adapter/                     the same two files in a merged folder (at the top they would make
+                                 transformers load the folder as base model + adapter): adapter_folder()
     train_args.json              the run's resolved settings (+ processes, resolved_max_steps)
     metrics.jsonl                one line per logged step
     trainer_state/               exact resume: state.json, model/optimizer/plugin/rng .safetensors
@@ -44,9 +50,11 @@ log = logging.getLogger("cirkit")
 
 KIND = "checkpoint"  # the ownership marker's kind
 CONFIG = "config.json"
+SETTINGS = "cirkit.json"  # cirkit's config in a folder whose config.json is the model library's
 WEIGHTS = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_DIR = "adapter"  # where a merged (model) folder keeps its peft adapter
 TRAIN_ARGS = "train_args.json"
 METRICS = "metrics.jsonl"
 STATE_DIR = "trainer_state"
@@ -56,7 +64,8 @@ STATE_OPTIMIZER = "optimizer.safetensors"
 STATE_PLUGIN = "plugin.safetensors"        # e.g. the EMA target encoder
 STATE_RNG = "rng.safetensors"
 # Every name a checkpoint save writes; anything else in the folder is the user's and is kept.
-OWNED = frozenset({CONFIG, WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_ARGS, METRICS, STATE_DIR})
+OWNED = frozenset({CONFIG, SETTINGS, WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_DIR, TRAIN_ARGS, METRICS,
+                   STATE_DIR, "generation_config.json"})
 FAMILIES = ("vit", "mllm", "reformulator")  # backbone families that have checkpoint folders
 
 
@@ -99,9 +108,11 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
                               "a list of block indexes or null"),
         "predictor_hidden": (False, _opt(_int), "an integer or null"),
         "temperature": (False, *_NUM),
-        "gate_init": (False, *_NUM),
+        "gate_init": (False, _opt(_num), "a number or null"),
         "null_text": (False, *_STR),
         "combiner_trained": (False, *_BOOL),
+        "combiner": (False, lambda v: v in ("weight", "gate"), "'weight' or 'gate'"),
+        "quick_gelu": (False, *_BOOL),
         "weights": (False, _file_name, "a file name inside the checkpoint folder"),
         "weights_id": (False, *_STR),
         "has_ema": (False, *_BOOL),
@@ -116,6 +127,8 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
         "merged": (False, *_BOOL),
         "lora": (False, _opt(lambda v: isinstance(v, dict)), "a mapping or null"),
         "temperature": (False, _opt(_num), "a number or null"),
+        "min_pixels": (False, *_INT),
+        "max_pixels": (False, *_INT),
     },
     # A LoRA-tuned instruction writer (cirkit.train.reformulator), read by `cirkit reformulate -m`.
     "reformulator": {
@@ -147,15 +160,22 @@ def _problem(data: dict[str, Any]) -> str | None:
     return None
 
 
+def config_path(folder: str | Path) -> Path:
+    """The file holding cirkit's config in ``folder``: ``cirkit.json`` when present, else ``config.json``."""
+    p = Path(folder)
+    return p / SETTINGS if (p / SETTINGS).is_file() else p / CONFIG
+
+
 def read_config(folder: str | Path) -> dict[str, Any] | None:
-    """The ``config.json`` of a cirkit checkpoint folder; None if ``folder`` is not one.
+    """cirkit's config of a checkpoint folder (``cirkit.json``, or ``config.json`` in folders that are
+    not transformers models and in older checkpoints); None if ``folder`` is not one.
 
     A folder whose ``config.json`` is not cirkit's (a transformers model folder) is not one.
     A cirkit config that is not JSON, or has a missing or wrong-typed key, is a
     :class:`CheckpointError` naming the file.
     """
     p = Path(folder)
-    path = p / CONFIG
+    path = config_path(p)
     if not p.is_dir() or not path.is_file():
         return None
     try:
@@ -176,8 +196,12 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def write_config(folder: str | Path, backbone: str, **fields: Any) -> dict[str, Any]:
-    """Write ``config.json`` for ``backbone``: ``fields`` plus the cirkit version and the family."""
+def write_config(folder: str | Path, backbone: str, *, model_folder: bool = False, **fields: Any) -> dict[str, Any]:
+    """Write cirkit's config for ``backbone``: ``fields`` plus the cirkit version and the family.
+
+    ``model_folder``: the folder is also a transformers model folder (its ``config.json`` is the
+    model's, :func:`write_model_files`), so cirkit's config goes to ``cirkit.json``.
+    """
     from cirkit import __version__
     from cirkit.io import atomic_write_json
 
@@ -185,8 +209,32 @@ def write_config(folder: str | Path, backbone: str, **fields: Any) -> dict[str, 
     problem = _problem(data)
     if problem:  # a writer out of step with the schema is a bug, not a user error
         raise ValueError(f"{backbone} config.json would not read back: {problem}")
-    atomic_write_json(Path(folder) / CONFIG, data)
+    atomic_write_json(Path(folder) / (SETTINGS if model_folder else CONFIG), data)
     return data
+
+
+def adapter_folder(folder: str | Path) -> Path | None:
+    """Where ``folder``'s peft adapter is: the folder itself, its ``adapter/`` (merged folders), or None."""
+    folder = Path(folder)
+    for where in (folder, folder / ADAPTER_DIR):
+        if (where / ADAPTER_CONFIG).is_file():
+            return where
+    return None
+
+
+def write_model_files(folder: str | Path, model: Any, processor: Any = None) -> None:
+    """The files that make ``folder`` a transformers model folder besides its weights: the model's own
+    ``config.json`` (its architecture named), ``generation_config.json`` and the processor's files."""
+    folder = Path(folder)
+    config = model.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    config.save_pretrained(str(folder))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(folder))
+    if processor is not None:
+        processor.save_pretrained(str(folder))
 
 
 # -- weights files: content, not suffix ----------------------------------------------------------
@@ -324,13 +372,14 @@ def check_folder(folder: str | Path, backbone: str | None = None) -> dict[str, A
                                       "cirkit checkpoints load from safetensors only, never from pickle")
             raise CheckpointError(f"{folder}: missing {weights[0].name}; the checkpoint is incomplete")
     else:
-        weights = [p for p in (folder / WEIGHTS, folder / ADAPTER_WEIGHTS) if p.is_file()]
-        if (folder / ADAPTER_CONFIG).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
-            pickles = [p.name for p in pickle_files(folder)]
+        adapter = adapter_folder(folder) or folder
+        weights = [p for p in (folder / WEIGHTS, adapter / ADAPTER_WEIGHTS) if p.is_file()]
+        if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / ADAPTER_WEIGHTS).is_file():
+            pickles = [p.name for p in pickle_files(adapter)]
             if pickles:
-                raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}, only pickle weights ({', '.join(pickles)}); "
+                raise CheckpointError(f"{adapter}: no {ADAPTER_WEIGHTS}, only pickle weights ({', '.join(pickles)}); "
                                       "cirkit checkpoints load from safetensors only, never from pickle")
-            raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}; the checkpoint is incomplete")
+            raise CheckpointError(f"{adapter}: {ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}; the checkpoint is incomplete")
         if not weights:
             raise CheckpointError(f"{folder}: missing {WEIGHTS} or {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; "
                                   "the checkpoint is incomplete")

@@ -66,6 +66,12 @@ class Setting:
     cli: bool = True
     show_default: str | None = None
     cap: int | None = None
+    stdio: str | None = None
+    location: bool = False  # a text setting naming a path or a URI (so '-' is checked like a path's)
+
+
+STDIO = "-"  # the path that means standard input (an input setting) or standard output (an output setting)
+STDIO_NOTE = {"in": "'-' reads standard input.", "out": "'-' streams records to standard output."}
 
 
 def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: float | None = None,
@@ -73,7 +79,7 @@ def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: floa
             choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
             aliases: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None,
             panel: str | None = None, cli: bool = True, show_default: str | None = None,
-            cap: int | None = None) -> Any:
+            cap: int | None = None, stdio: str | None = None, location: bool = False) -> Any:
     """A config field with its help, range and CLI spelling (a ``dataclasses.field``).
 
     ``resume``: the setting changes the trained result, so ``--resume`` needs the same value.
@@ -90,7 +96,8 @@ def setting(default: Any = MISSING, *, help: str, resume: bool = False, ge: floa
     meta = {META: Setting(help=help, resume=resume, ge=ge, gt=gt, le=le, lt=lt,
                           choices=tuple(choices) if choices is not None else None, flag=flag, short=short,
                           aliases=tuple(aliases), positional=positional, metavar=metavar, panel=panel, cli=cli,
-                          show_default=show_default, cap=cap)}
+                          show_default=show_default, cap=cap, stdio=stdio,
+                          location=location)}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -150,6 +157,8 @@ def help_text(f: dataclasses.Field, note: str = "") -> str:
     text, d = s.help, default_text(f)
     if s.choices and not all(c in text for c in s.choices):
         text = f"{text} One of: {', '.join(s.choices)}."
+    if s.stdio:
+        text = f"{text} {STDIO_NOTE[s.stdio]}"
     if note:
         text = f"{text} {note}"
     return f"{text} (default {d})" if d else text
@@ -191,6 +200,12 @@ MAX_BATCH = 1 << 20
 
 def num_workers_setting(default: int | None = None, show_default: str | None = None) -> Any:
     return setting(default, ge=0, cap=MAX_WORKERS, help="Image decoding processes.", show_default=show_default)
+
+
+def gpu_decode_setting() -> Any:
+    return setting("auto", choices=("auto", "on", "off"),
+                   help="Decode JPEGs in batches on the GPU (torchvision.io.decode_jpeg); auto: when the model runs on "
+                        "CUDA and its preprocessing can run there.")
 
 
 def batch_size_setting(default: int, what: str, **kw: Any) -> Any:
@@ -258,19 +273,70 @@ def _num(x: float) -> str:
 
 
 def check_settings(config: Any) -> None:
-    """Range and choice checks of every field (configs call this from ``__post_init__``)."""
+    """Range and choice checks of every field (configs call this from ``__post_init__``), and ``-``
+    only where a setting reads standard input or streams to standard output."""
     for f in dataclasses.fields(config):
-        bad = problem(f, getattr(config, f.name), flag_name(f))
+        value = getattr(config, f.name)
+        bad = problem(f, value, flag_name(f))
         if bad:
             raise CirkitError(bad)
+        if (isinstance(value, Path) or spec(f).location) and str(value) == STDIO and not spec(f).stdio:
+            raise CirkitError(f"{flag_name(f)} -: this setting names a file or folder, not a stream; give a path "
+                              "('-' works for per-record JSONL outputs and inputs, see --help)")
+
+
+def streams(config: Any) -> list[str]:
+    """The flags of ``config`` set to ``-`` that stream to standard output."""
+    return [flag_name(f) for f in dataclasses.fields(config)
+            if spec(f).stdio == "out" and str(getattr(config, f.name)) == STDIO]
 
 
 # -- recipes -----------------------------------------------------------------------------------
+# The shipped recipes live in the package (installed with it); the repository's top-level
+# recipes/ is a link to this folder, so `-c recipes/x.yaml` works in a clone and elsewhere.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A shipped recipe: its name (file stem), the command that reads it, its header's first line."""
+
+    name: str
+    command: str
+    description: str
+    path: Path
+
+
+def shipped_recipes() -> list[Recipe]:
+    """Every recipe shipped with cirkit, by name; read from the files' text (no YAML parser needed)."""
+    out = []
+    for path in sorted(RECIPES.glob("*.yaml")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header = [ln[1:].strip() for ln in lines if ln.startswith("#")]
+        command = next((ln.split(":")[0] for ln in lines if ln and not ln.startswith(("#", " ")) and ":" in ln), "")
+        out.append(Recipe(path.stem, command, header[0] if header else "", path))
+    return out
+
+
+def find_recipe(ref: str | Path) -> Path:
+    """The recipe file ``ref`` names: a path, or a shipped recipe's name (``vit-synth-cpu``,
+    ``vit-synth-cpu.yaml`` or ``recipes/vit-synth-cpu.yaml`` from any folder)."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    if str(path.parent) in (".", "recipes"):
+        shipped = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(r.name for r in shipped_recipes())
+    raise CirkitError(f"{ref}: recipe not found; give a YAML file or a shipped recipe's name ({names}; "
+                      "'cirkit recipes' describes them)")
+
+
 def load_recipe(path: str | Path, section: str | None = None) -> dict[str, Any]:
-    """Read a recipe YAML; if it has a top-level ``section`` mapping (e.g. ``train:``), use that."""
-    path = Path(path)
-    if not path.exists():
-        raise CirkitError(f"{path}: recipe not found")
+    """Read a recipe YAML (a path or a shipped recipe's name); if it has a top-level ``section``
+    mapping (e.g. ``train:``), use that."""
+    path = find_recipe(path)
     if path.is_dir():
         raise CirkitError(f"{path}: a recipe must be a YAML file, not a folder")
     if not path.is_file():
@@ -463,6 +529,8 @@ def _scalar(value: Any, tp: Any, where: str) -> Any:
             return _no_nul(value, where)
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # `stage: 1`, `seed`-like names; a range/choice check follows
+        if isinstance(value, Path):
+            return str(value)  # a location setting that is a path or a URI (embed -o, index EMBEDDINGS)
     elif tp is Path:
         if isinstance(value, (str, Path)):
             return Path(_no_nul(str(value), where))

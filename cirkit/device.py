@@ -156,27 +156,75 @@ class ProcessInfo:
     world: int = 1
     device: str | None = None
     state: Any = field(default=None, repr=False)
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process of its machine (files only it may touch on a node's own disk)."""
+        return self.local_rank == 0
 
     def wait(self) -> None:
         """Barrier across processes (no-op when alone)."""
         if self.state is not None and self.world > 1:
             self.state.wait_for_everyone()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order, on every process (``[obj]`` when alone).
+
+        ``torch.distributed.all_gather_object`` through accelerate: any picklable value, over
+        the launcher's process group (gloo on CPUs, NCCL on GPUs; several machines alike).
+        """
+        if self.state is None or self.world <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        if self.state is None or self.world <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def process_info() -> ProcessInfo:
     """Rank/world from accelerate's ``PartialState`` under ``accelerate launch``, else a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ProcessInfo()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
-    return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device), state=state)
+    # cpu=True without a GPU: plain torchrun (no accelerate config) then still forms a gloo group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return ProcessInfo(rank=state.process_index, world=state.num_processes, device=str(state.device), state=state,
+                       local_rank=state.local_process_index)
 
 
 def shard_of(key: str, world: int) -> int:
     """The process that owns ``key``: a stable hash, so the split never depends on what is done."""
     return zlib.crc32(key.encode("utf-8")) % world if world > 1 else 0
+
+
+def my_share(items: list[Any], proc: ProcessInfo, key: Any = None) -> list[Any]:
+    """This process's items of a list every process holds whole: those whose key :func:`shard_of` gives it.
+
+    ``key(item)`` is the item's id (default: ``item[0]``). The split depends only on the ids and
+    the number of processes, so every process computes it alone, a re-run with any number of
+    processes re-splits what is left, and the union over processes is the list, each item once.
+    (A Hugging Face dataset is split with :func:`cirkit.io.datasets.for_process` instead.) This is
+    the one sharding rule of caption, embed, evaluate and reformulate.
+    """
+    if proc.world <= 1:
+        return list(items)
+    key = key or (lambda item: item[0])
+    return [x for x in items if shard_of(str(key(x)), proc.world) == proc.rank]

@@ -3,10 +3,18 @@
 Images are decoded (safely, see :func:`cirkit.io.open_image`) and transformed in
 DataLoader worker processes; unreadable images come back as failures instead of
 stopping the run (unless ``strict``). Shared by ``embed``, ``evaluate`` and ``query``.
+
+An image is a file path or a dataset row's image (:mod:`cirkit.io.datasets`); the items are a
+list (read by index) or an :class:`~cirkit.io.datasets.ImageStream` (read as it comes, split
+between DataLoader workers). With a :class:`~cirkit.device.ProcessInfo` of several processes,
+:func:`encode_images` and :func:`encode_queries` embed this process's share
+(:func:`cirkit.device.my_share`) and gather every share, so each process ends with the same
+vectors, in input order, as one process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cirkit.errors import ImageError
@@ -36,6 +45,20 @@ class _ImageDataset(torch.utils.data.Dataset):
             return key, None, e.reason
 
 
+class _StreamDataset(torch.utils.data.IterableDataset):
+    """A streamed dataset's images; in DataLoader workers ``datasets`` gives each worker its own shards."""
+
+    def __init__(self, stream: Any, transform: Callable[[Any], Any], min_side: int | None = None):
+        self.stream, self.transform, self.min_side = stream, transform, min_side
+
+    def __iter__(self):
+        for key, image in self.stream.iterate():
+            try:
+                yield key, self.transform(open_image(image, min_side=self.min_side)), None
+            except ImageError as e:
+                yield key, None, e.reason
+
+
 class _Collate:
     """Split good items from failures, then let the backbone collate the good ones."""
 
@@ -50,7 +73,7 @@ class _Collate:
 
 
 def iter_image_batches(
-    items: Sequence[tuple[str, Path]],
+    items: Sequence[tuple[str, Any]] | Any,
     transform: Callable[[Any], Any],
     collate: Callable[[list[Any]], Any],
     batch_size: int = 64,
@@ -59,12 +82,15 @@ def iter_image_batches(
 ) -> Iterator[tuple[list[str], Any, list[tuple[str, str]]]]:
     """Yield ``(ids, batch, failures)`` with images decoded in ``num_workers`` processes.
 
+    ``items``: a list of ``(id, image)`` or an :class:`~cirkit.io.datasets.ImageStream`.
     ``min_side``: the shorter side the transform needs (see :func:`cirkit.io.open_image`).
     """
-    # More workers than batches only costs process start-ups (each worker decodes whole batches).
-    num_workers = min(num_workers, -(-len(items) // max(1, batch_size)))
+    streamed = hasattr(items, "iterate")
+    data = _StreamDataset(items, transform, min_side) if streamed else _ImageDataset(items, transform, min_side)
+    if not streamed:  # more workers than batches only costs process start-ups (each worker decodes whole batches)
+        num_workers = min(num_workers, -(-len(items) // max(1, batch_size)))
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(items, transform, min_side),
+        data,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_Collate(collate),
@@ -74,13 +100,21 @@ def iter_image_batches(
     )
     # DataLoader workers fork while `embed` holds a Lance store open. They only decode images and
     # never touch LanceDB, and they are forked between appends (nothing mid-operation), so
-    # lancedb's generic "fork support is experimental" warning (raised in each forked child)
-    # does not apply. The filter is set only around the fork (workers start in ``iter``) and
+    # lancedb's generic "fork support is experimental" warning and pylance's "lance is not
+    # fork-safe" (raised in each forked child) do not apply. The filter is set only around the fork (workers start in ``iter``) and
     # the children inherit it; the process's own warning filters are left as they were.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+    with _quiet_fork():
         batches = iter(loader)
     yield from batches
+
+
+@contextlib.contextmanager
+def _quiet_fork():
+    """Warning filters for forking DataLoader workers while a Lance store is open (see iter_image_batches)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+        yield
 
 
 @dataclass
@@ -102,30 +136,87 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-def decoded_batches(backbone, items, batch_size, num_workers, strict, failed: list, progress, task, rate):
-    """``(ids, batch)`` of decodable images, advancing ``progress``; failures go to ``failed`` (or raise if strict)."""
+def decoded_batches(backbone, items, batch_size, num_workers, strict, failed: list, progress, task, rate,
+                    gpu_decode: str | None = "off"):
+    """``(ids, batch)`` of decodable images, advancing ``progress``; failures go to ``failed`` (or raise if strict).
+
+    ``gpu_decode`` (auto, on, off): JPEGs decoded in batches on the backbone's device
+    (:mod:`cirkit.io.gpu_decode`).
+    """
+    from cirkit.io.gpu_decode import wanted
+
     workers = default_workers() if num_workers is None else num_workers
-    for ids, batch, bad in iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers,
-                                              backbone.decode_size):
+    plan = wanted(gpu_decode, backbone)
+    batches = (_device_batches(backbone, items, plan, batch_size, workers) if plan is not None else
+               iter_image_batches(items, backbone.image_transform(), backbone.collate, batch_size, workers,
+                                  backbone.decode_size))
+    for ids, batch, bad in batches:
         if bad and strict:
             key, reason = bad[0]
-            raise ImageError(dict(items)[key], reason)
+            raise ImageError(str(dict(items)[key]) if isinstance(items, (list, tuple)) else key, reason)
         failed.extend(bad)
         if ids:
             yield ids, batch
         progress.update(task, advance=len(ids) + len(bad), rate=rate.add(len(ids) + len(bad)))
 
 
+def _device_batches(backbone, items, plan, batch_size: int, workers: int):
+    """``(ids, batch, failures)`` with JPEGs decoded on the backbone's device (see :mod:`cirkit.io.gpu_decode`)."""
+    from cirkit.io import gpu_decode
+
+    raw = (gpu_decode.RawStream(items, backbone.image_transform()) if hasattr(items, "iterate") else
+           gpu_decode.RawImages(items, backbone.image_transform()))
+    loader = torch.utils.data.DataLoader(
+        raw, batch_size=batch_size, num_workers=workers,
+        collate_fn=gpu_decode.collate, prefetch_factor=4 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available())
+    device = getattr(backbone, "device", torch.device("cpu"))
+    with _quiet_fork():  # see iter_image_batches
+        batches = iter(loader)
+    for ids, payloads, bad in batches:
+        batch, kept, failed = gpu_decode.decode_batch(payloads, plan, device, ids) if ids else (None, [], [])
+        yield kept, batch, bad + failed
+
+
+def gathered(local: Encoded, keys: Sequence[str], proc: Any, dim: int) -> Encoded:
+    """Every process's :class:`Encoded` share joined into one, in the order of ``keys`` (on every process)."""
+    if proc is None or proc.world <= 1:
+        return local
+    vecs = local.vectors.numpy() if local.vectors is not None else None
+    shares = proc.gather((local.ids, vecs, local.failed))
+    row: dict[str, tuple[int, int]] = {}
+    for s, (ids, _, _) in enumerate(shares):
+        for i, k in enumerate(ids):
+            row[k] = (s, i)
+    order = {k: i for i, k in enumerate(keys)}
+    out = Encoded(failed=sorted((f for _, _, failed in shares for f in failed), key=lambda f: order.get(f[0], -1)))
+    out.ids = [k for k in keys if k in row]
+    out.vectors = (torch.from_numpy(np.stack([shares[row[k][0]][1][row[k][1]] for k in out.ids]))
+                   if out.ids else torch.empty(0, dim))
+    return out
+
+
 def encode_images(
     backbone,
-    items: Sequence[tuple[str, Path]],
+    items: Sequence[tuple[str, Any]],
     batch_size: int = 64,
     num_workers: int | None = None,
     strict: bool = False,
     description: str = "embedding images",
     queries: bool = False,
+    proc: Any = None,
+    gpu_decode: str | None = "off",
 ) -> Encoded:
-    """Embed ``(id, path)`` items; ``queries=True`` uses the image-query side of the backbone."""
+    """Embed ``(id, image)`` items; ``queries=True`` uses the image-query side of the backbone.
+
+    ``proc`` (several processes): each embeds its share and every process gets all vectors.
+    """
+    if proc is not None and proc.world > 1:
+        from cirkit.device import my_share
+
+        local = encode_images(backbone, my_share(list(items), proc), batch_size, num_workers, strict,
+                              f"{description} [{proc.rank}/{proc.world}]", queries, gpu_decode=gpu_decode)
+        return gathered(local, [k for k, _ in items], proc, backbone.dim)
     from cirkit.summary import Rate, make_progress
 
     out = Encoded()
@@ -134,7 +225,8 @@ def encode_images(
     embed = backbone.embed_image_queries if queries else backbone.embed_images
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(items), rate="")
-        for ids, batch in decoded_batches(backbone, items, batch_size, num_workers, strict, out.failed, progress, task, rate):
+        for ids, batch in decoded_batches(backbone, items, batch_size, num_workers, strict, out.failed, progress, task,
+                                          rate, gpu_decode):
             chunks.append(embed(batch).float().cpu())
             out.ids.extend(ids)
     out.vectors = torch.cat(chunks) if chunks else torch.empty(0, backbone.dim)
@@ -143,13 +235,24 @@ def encode_images(
 
 def encode_queries(
     backbone,
-    queries: Sequence[tuple[str, Path | None, str | None]],
+    queries: Sequence[tuple[str, Any | None, str | None]],
     batch_size: int = 64,
     num_workers: int | None = None,
     strict: bool = False,
     description: str = "embedding queries",
+    proc: Any = None,
+    gpu_decode: str | None = "off",
 ) -> Encoded:
-    """Embed ``(id, reference_path | None, text | None)`` queries with the backbone's query mode."""
+    """Embed ``(id, reference image | None, text | None)`` queries with the backbone's query mode.
+
+    ``proc`` (several processes): each embeds its share and every process gets all vectors.
+    """
+    if proc is not None and proc.world > 1:
+        from cirkit.device import my_share
+
+        local = encode_queries(backbone, my_share(list(queries), proc), batch_size, num_workers, strict,
+                               f"{description} [{proc.rank}/{proc.world}]", gpu_decode=gpu_decode)
+        return gathered(local, [k for k, _, _ in queries], proc, backbone.dim)
     from cirkit.summary import Rate, make_progress
 
     out = Encoded()
@@ -161,7 +264,7 @@ def encode_queries(
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(queries), rate="")
         for ids, batch in decoded_batches(backbone, with_image, batch_size, num_workers, strict, out.failed, progress,
-                                          task, rate):
+                                          task, rate, gpu_decode):
             v = backbone.embed_queries(batch, [text_of[k] or "" for k in ids]).float().cpu()
             vecs.update(zip(ids, v, strict=True))
         for i in range(0, len(text_only), batch_size):

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cirkit import hub
 from cirkit.errors import CirkitError
 
 log = logging.getLogger("cirkit")
@@ -196,6 +197,7 @@ def load_causal_lm(model: str | None = None, gguf_file: str | None = None, devic
     dev = pick_device(device)
     dt = pick_dtype(precision, dev)  # both checked before anything loads
     model, gguf_file, name = causal_lm_ref(model, gguf_file)
+    hub.check_model(model, "language model")
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -615,6 +617,7 @@ def load_captioner(model: str, device: str | None = None, precision: str | None 
     _quiet_transformers()
     dev = pick_device(device)
     dt = pick_dtype(precision, dev)
+    hub.check_model(model, "captioning model", extra=", or import captions you already have with --from FILE")
     kw = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(model, **kw)
@@ -640,6 +643,27 @@ def load_captioner(model: str, device: str | None = None, precision: str | None 
     return LoadedCaptioner(model=net, processor=processor, model_id=model, chat=chat, device=dev, dtype=dt)
 
 
+def chat_with_image(processor: Any, prompt: str) -> str:
+    """``prompt`` after one image, in the processor's chat template.
+
+    Multimodal templates take a list of content parts (``{"type": "image"}``, text). A model
+    whose processor only has its LLM's text template (such as the offline SmolLM2 demo LLaVA)
+    fails on a list, or renders it as its Python repr: then the image token goes into plain
+    text content, the way LLaVA-1.5 prompts are written (``"<image>\n..."``).
+    """
+    token = getattr(processor, "image_token", None) or "<image>"
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    try:
+        text = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+        if token in text and "{'type'" not in text:
+            return text
+    except Exception as e:  # jinja2 raises TypeError/TemplateError from inside the template
+        if not isinstance(e, (TypeError, ValueError, KeyError)) and type(e).__module__.split(".")[0] != "jinja2":
+            raise
+    plain = [{"role": "user", "content": f"{token}\n{prompt}"}]
+    return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+
+
 def caption_images(cap: LoadedCaptioner, images: list[Any], prompt: str | None,
                    settings: GenerationSettings) -> list[str]:
     """Caption a batch of PIL images (instruction models get ``prompt`` in their chat template)."""
@@ -649,9 +673,7 @@ def caption_images(cap: LoadedCaptioner, images: list[Any], prompt: str | None,
         return []
     kw: dict[str, Any] = {"return_tensors": "pt"}
     if cap.chat:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or ""}]}]
-        text = cap.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        kw.update(text=[text] * len(images), padding=True)
+        kw.update(text=[chat_with_image(cap.processor, prompt or "")] * len(images), padding=True)
     elif prompt:
         kw.update(text=[prompt] * len(images), padding=True)
     enc = cap.processor(images=images, **kw)

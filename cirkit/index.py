@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from cirkit.config import check_settings, setting, wait_setting
+from cirkit.config import UsageError, check_settings, setting, wait_setting
 from cirkit.errors import CirkitError, RecordError
+from cirkit.io.storage import storage_options_setting
 from cirkit.records import EmbeddingManifest
 from cirkit.search import (
     ANN_KEY,
@@ -54,10 +55,11 @@ MIN_ANN_ROWS = 256  # k-means needs this many rows to train
 class IndexConfig:
     """Settings of ``cirkit index`` (see :mod:`cirkit.search` for the layout)."""
 
-    embeddings: Path | None = setting(
-        None, positional=True, metavar="EMBEDDINGS",
-        help="Embeddings store (X.lance from 'cirkit embed'); optional with --delete.")
-    output: str | None = setting(None, short="-o", help="Index location: a folder or any LanceDB URI.")
+    embeddings: str | None = setting(
+        None, location=True, positional=True, metavar="EMBEDDINGS",
+        help="Embeddings store (X.lance or s3://.../X.lance from 'cirkit embed'); optional with --delete.")
+    output: str | None = setting(None, short="-o", help="Index location: a folder or any LanceDB URI "
+                                                        "(s3://, gs://, az://).")
     table: str = setting(DEFAULT_TABLE, help="Table name inside the index.")
     metadata: Path | None = setting(None, help="JSONL of {id, any columns} to store beside the vectors.")
     delete: str | None = setting(None, help="Ids to remove: a file (one per line) or id,id,...")
@@ -70,9 +72,14 @@ class IndexConfig:
                                           help="PQ sub-vectors.")
     cache_dir: Path | None = setting(None, cli=False, show_default="beside a local index",
                                      help="Folder of the exact-search vector cache.")
+    sync: bool = setting(False, help="Also delete the indexed ids that are not in EMBEDDINGS any more "
+                                     "(after 'cirkit embed --sync', the index holds exactly the folder's images).")
     wait: bool = wait_setting()
+    storage_options: str | None = storage_options_setting()
 
     def __post_init__(self) -> None:
+        if isinstance(self.embeddings, Path):
+            self.embeddings = str(self.embeddings)
         check_settings(self)
 
 
@@ -118,20 +125,24 @@ def read_metadata(path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
     return rows, columns
 
 
-def _load_embeddings(path: Path) -> tuple[EmbeddingManifest, list[str], list[str], np.ndarray]:
+def _load_embeddings(path: str, storage_options: dict[str, str] | None = None,
+                     ) -> tuple[EmbeddingManifest, list[str], list[str], np.ndarray]:
     from cirkit.io.embeddings import read_embeddings
+    from cirkit.io.storage import is_local
 
     try:
-        manifest, ids, images, vectors = read_embeddings(path)
+        manifest, ids, images, vectors = read_embeddings(path, storage_options)
     except ValueError as e:
         raise CirkitError(f"{path}: vectors do not match the manifest's dimension ({e})") from None
     if vectors.ndim != 2 or (len(ids) and vectors.shape[1] != manifest.dim):
         raise CirkitError(f"{path}: vectors of shape {vectors.shape} do not match the manifest's dim {manifest.dim}")
-    base = Path(path).parent
     bad = next((i for i, p in zip(ids, images, strict=True) if p and "\x00" in p), None)
     if bad is not None:
         raise CirkitError(f"{path}: row {bad!r} has an image path with a NUL character; fix the gallery and re-embed")
-    images = [str((base / p).resolve()) if p and not Path(p).is_absolute() and "://" not in p else p for p in images]
+    if is_local(path):
+        base = Path(path).parent
+        images = [str((base / p).resolve()) if p and not Path(p).is_absolute() and "://" not in p and "#" not in p
+                  else p for p in images]
     return manifest, ids, images, vectors
 
 
@@ -189,7 +200,9 @@ def _check(config: IndexConfig) -> None:
     from cirkit.io.embeddings import is_local, local_path
 
     if not config.output:
-        raise CirkitError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+        raise UsageError("no index location; pass -o INDEX (a folder or a LanceDB URI)")
+    if str(config.output) == "-":
+        raise CirkitError("--output -: an index is a folder or a LanceDB URI, not a stream; give a path")
     if config.index_type not in INDEX_TYPES:
         raise CirkitError(f"unknown --index-type {config.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     check_name(config.table, "--table")
@@ -198,8 +211,13 @@ def _check(config: IndexConfig) -> None:
             raise CirkitError(f"{flag} must be at least 1, got {value}")
     if config.ann_threshold < 0:
         raise CirkitError(f"--ann-threshold must be at least 0, got {config.ann_threshold}")
-    if config.embeddings is not None and not Path(config.embeddings).exists():
+    from cirkit.io.storage import parse_storage_options
+
+    parse_storage_options(config.storage_options)
+    if config.embeddings is not None and is_local(config.embeddings) and not Path(config.embeddings).exists():
         raise CirkitError(f"{config.embeddings}: no such embeddings store (make one with 'cirkit embed')")
+    if config.sync and config.embeddings is None:
+        raise UsageError("--sync compares the index with an embeddings store: give EMBEDDINGS")
     if config.metadata is not None and not Path(config.metadata).is_file():
         raise CirkitError(f"{config.metadata}: no such metadata file (JSONL of {{id, columns...}})")
     if not is_local(config.output):
@@ -211,7 +229,7 @@ def _check(config: IndexConfig) -> None:
         raise CirkitError(f"{config.output}: is a cirkit {other} folder; write the index to its own folder")
     table = out / f"{config.table}.lance"
     for name, given in (("embeddings store", config.embeddings), ("metadata file", config.metadata)):
-        if given is None:
+        if given is None or not is_local(given):
             continue
         src = Path(given).resolve()
         if src in (out, table) or src in out.parents or table in src.parents:
@@ -225,25 +243,30 @@ def _check(config: IndexConfig) -> None:
 def run(config: IndexConfig) -> StageResult:
     """Create or update an index from an embeddings store (see module docstring)."""
     from cirkit.io.lock import output_lock
+    from cirkit.io.storage import parse_storage_options
 
     _check(config)
+    storage = parse_storage_options(config.storage_options)
     result = StageResult("index")
     uri, name = str(config.output), config.table
     with timed(result):
         # the lock first (a second writer hears at once), then the inputs, which may be large
         with output_lock(lock_target(uri, name), wait=config.wait, what="index table"):
-            emb = _load_embeddings(Path(config.embeddings)) if config.embeddings else None
+            emb = _load_embeddings(config.embeddings, storage) if config.embeddings else None
             meta_rows, meta_cols = read_metadata(Path(config.metadata)) if config.metadata else ({}, [])
             to_delete = _parse_delete(config.delete)
             counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
-            if _table_exists(uri, name):
-                index = Index.open(uri, name, config.cache_dir)
+            if _table_exists(uri, name, storage):
+                index = Index.open(uri, name, config.cache_dir, storage)
                 _update(index, emb, meta_rows, meta_cols, config, counts, result)
             else:
                 if emb is None:
                     raise CirkitError(f"{uri}: no index table {name!r} yet; give an embeddings store to create it")
-                _create(uri, name, emb, meta_rows, meta_cols, config, counts, result)
-                index = Index.open(uri, name, config.cache_dir)
+                _create(uri, name, emb, meta_rows, meta_cols, config, counts, result, storage)
+                index = Index.open(uri, name, config.cache_dir, storage)
+            if config.sync:  # ids the store no longer has (files removed from the folder)
+                stored = set(emb[1])
+                to_delete += [i for i in index.cache().ids.to_pylist() if i not in stored]
             if to_delete:
                 _delete(index, to_delete, counts, result)
             counts["rows"] = index.count()
@@ -262,14 +285,19 @@ def run(config: IndexConfig) -> StageResult:
     return result
 
 
-def _table_exists(uri: str, name: str) -> bool:
+def _table_exists(uri: str, name: str, storage: dict[str, str] | None = None) -> bool:
     """Whether ``name`` is a committed table; a local one cut off while being created is removed (under the lock)."""
-    import lancedb
-
-    from cirkit.io.embeddings import is_committed, is_local, local_path, remove_uncommitted
+    from cirkit.io.embeddings import (
+        connect,
+        is_committed,
+        is_local,
+        local_path,
+        remove_uncommitted,
+        table_names,
+    )
 
     if not is_local(uri):
-        return name in lancedb.connect(uri).list_tables().tables
+        return name in table_names(connect(uri, storage))
     folder = local_path(uri) / f"{name}.lance"
     if folder.exists() and not folder.is_dir():
         raise CirkitError(f"{folder}: is a file, not an index table; choose another -o or --table")
@@ -279,7 +307,8 @@ def _table_exists(uri: str, name: str) -> bool:
     return False
 
 
-def _create(uri: str, name: str, emb, meta_rows, meta_cols, config: IndexConfig, counts, result: StageResult) -> None:
+def _create(uri: str, name: str, emb, meta_rows, meta_cols, config: IndexConfig, counts, result: StageResult,
+            storage: dict[str, str] | None = None) -> None:
     """Create the table with the store's rows, its metadata columns and a fresh identity."""
     import pyarrow as pa
 
@@ -289,7 +318,7 @@ def _create(uri: str, name: str, emb, meta_rows, meta_cols, config: IndexConfig,
     m = EmbeddingManifest.from_dict({**manifest.to_dict(), "count": None})
     cols = _column_arrays(meta_cols, {}, [meta_rows.get(i, {}) for i in ids], str(config.metadata))
     schema = row_schema(m, [pa.field(c, cols[c].type) for c in meta_cols], table_id=uuid.uuid4().hex)
-    create_table(uri, name, schema, rows_table(ids, images, vectors, schema, cols) if ids else None)
+    create_table(uri, name, schema, rows_table(ids, images, vectors, schema, cols) if ids else None, storage)
     counts["added"] = len(ids)
     known = set(ids)
     for k in meta_rows:

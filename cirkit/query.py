@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.config import (
+    UsageError,
     batch_size_setting,
     check_settings,
     device_setting,
@@ -51,7 +52,7 @@ class QueryConfig:
                                  help="Reference image (omit for a text-only query).")
     text: str | None = setting(None, positional=True, metavar="TEXT", flag="--text", short="-t",
                                help='Modification text, e.g. "make it red".')
-    index: str | None = setting(None, aliases=("-i",), show_default=f"${INDEX_ENV}",
+    index: str | None = setting(None, location=True, aliases=("-i",), show_default=f"${INDEX_ENV}",
                                 help="Index made by 'cirkit index'.")
     table: str = setting("images", help="Table name inside the index.")
     model: str | None = setting(None, short="-m", show_default="the index's model",
@@ -70,8 +71,8 @@ class QueryConfig:
     refine_factor: int | None = setting(None, ge=1, show_default="30", help="ANN: re-rank k*factor candidates exactly.")
     html: Path | None = setting(None, help="Write a self-contained HTML contact sheet.")
     grid: Path | None = setting(None, help="Write a PNG grid of query and results.")
-    batch: Path | None = setting(None, help="queries.jsonl (cirkit Query records) to answer.")
-    output: Path = setting(Path("results.jsonl"), short="-o", help="Batch results file.")
+    batch: Path | None = setting(None, stdio="in", help="queries.jsonl (cirkit Query records) to answer.")
+    output: Path = setting(Path("results.jsonl"), short="-o", stdio="out", help="Batch results file.")
     batch_size: int = batch_size_setting(64, "Queries embedded")
     num_workers: int | None = num_workers_setting(0)
     strict: bool = strict_setting()
@@ -144,9 +145,9 @@ def _check(config: QueryConfig) -> None:
         if config.index:
             log.info("searching $%s = %s", INDEX_ENV, config.index)
     if not config.index:
-        raise CirkitError(f"no index given; pass --index INDEX (made by 'cirkit index') or set {INDEX_ENV}=INDEX")
+        raise UsageError(f"no index given; pass --index INDEX (made by 'cirkit index') or set {INDEX_ENV}=INDEX")
     if config.batch is None and config.image is None and not (config.text or "").strip():
-        raise CirkitError("nothing to search for: give a reference IMAGE, a --text, both, or --batch queries.jsonl")
+        raise UsageError("nothing to search for: give a reference IMAGE, a --text, both, or --batch queries.jsonl")
     if config.batch is not None and (config.image is not None or config.text):
         raise CirkitError("--batch reads its queries from the file; drop the IMAGE/TEXT arguments")
     if config.image is not None and not Path(config.image).exists():
@@ -155,10 +156,10 @@ def _check(config: QueryConfig) -> None:
     outputs = {"--html": config.html, "--grid": config.grid}
     if config.batch is not None:
         outputs["--output"] = config.output
-    inputs = {"--batch": config.batch, "IMAGE": config.image}
+    inputs = {"--batch": None if str(config.batch) == "-" else config.batch, "IMAGE": config.image}
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
-        if path is None:
+        if path is None or str(path) == "-":  # standard input/output is no file to overwrite
             continue
         key = _resolved_path(path)
         clash = next((f for f, p in inputs.items() if p is not None and _resolved_path(p) == key), None) or seen.get(key)

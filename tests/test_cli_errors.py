@@ -291,7 +291,7 @@ def test_old_spelling_warning_goes_to_stderr_not_stdout(tmp_path):
     import subprocess
 
     cmd = [sys.executable, "-m", "cirkit", "reformulate", str(tmp_path / "none.jsonl"), "-b", "2", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, cwd=tmp_path)
     assert proc.stdout == ""
     assert "-b is an old spelling of --batch-size" in proc.stderr and proc.returncode == 1
 

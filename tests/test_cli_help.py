@@ -36,7 +36,9 @@ def _best_of(args, n=3):
 
 def test_stages_are_registered():
     assert {"synth", "evaluate"} <= set(COMMANDS)
-    assert COMMANDS == sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "serve", "synth", "train"])
+    stages = sorted(["caption", "embed", "evaluate", "index", "query", "reformulate", "serve", "synth", "train"])
+    # issue 14 adds two tools beside the stages (was: COMMANDS == stages)
+    assert COMMANDS == sorted([*stages, "doctor", "recipes"])
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[c, "--help"] for c in COMMANDS], ids=lambda a: " ".join(a))
@@ -247,3 +249,62 @@ def test_docstring_example_headings_are_one_spelling():
 
     for c in app.registered_commands:
         assert "Examples:" not in c.callback.__doc__
+
+
+# Files the examples name that a user brings (README "Your own images"): anything else an example
+# reads must be shipped with cirkit, or be written by an example (a stage's output is the next one's
+# input), so no example names a file that appears from nowhere (like a `tiny.safetensors`).
+USER_FILES = {
+    "photos/": "a folder of your images", "shoe.jpg": "your reference image", "queries.jsonl": "your queries",
+    "gallery.jsonl": "your gallery listing (generic format)", "triplets.jsonl": "your triplets",
+    "tags.jsonl": "metadata columns for 'index --metadata' (its help says the format)",
+    "old-ids.txt": "ids to delete, one per line ('index --delete' help)", "more.lance": "another embed output",
+    "models/llm.Q4_K_M.gguf": "a GGUF model you downloaded ('reformulate --gguf-file' help)",
+}
+OUTPUT_FLAGS = {"-o", "--output", "--html", "--grid", "--submission", ">"}
+FILE = re.compile(r"\.(ya?ml|jsonl|json|safetensors|gguf|lance|png|jpe?g|html|txt|csv)$")
+
+
+def _all_examples():
+    from cirkit.cli import app
+
+    for c in app.registered_commands:
+        for line in _examples(c.callback.__doc__):
+            yield c.name, line, shlex.split(line)
+
+
+def _written(words: list[str]) -> set[str]:
+    """What an example line writes: its output flags' values, and synth's OUT folder."""
+    out = {b for a, b in zip(words, words[1:], strict=False) if a in OUTPUT_FLAGS}
+    if "synth" in words:
+        out |= {w for w in words[words.index("synth") + 1:][:1] if not w.startswith("-")}
+    return out
+
+
+def test_every_help_example_names_files_that_exist_or_are_explained():
+    """A file an example reads is shipped (recipes by path or name), written by an example, or the user's own."""
+    from cirkit.config import find_recipe
+
+    written = set().union(*(_written(words) for _, _, words in _all_examples()))
+    for name, line, words in _all_examples():
+        outs = _written(words)
+        for prev, word in zip(["", *words], words, strict=False):
+            if word in outs or prev in OUTPUT_FLAGS or not (FILE.search(word) or word.endswith("/")):
+                continue
+            if prev in ("-c", "--config"):
+                find_recipe(word)  # a shipped recipe (raises if not)
+                continue
+            ok = (ROOT / word).exists() or word in USER_FILES or any(
+                word == w or word.startswith(w.rstrip("/") + "/") for w in written)
+            assert ok, f"cirkit {name} --help: {line!r} reads {word}, which nothing ships, writes or explains"
+
+
+def test_the_examples_file_check_catches_what_it_should(monkeypatch):
+    from cirkit.cli import app
+
+    cmd = next(c for c in app.registered_commands if c.name == "evaluate")
+    for bad in ("cirkit evaluate synth -d data/synth/benchmark --pretrained tiny.safetensors",
+                "cirkit evaluate -c recipes/synth.yaml"):
+        monkeypatch.setattr(cmd.callback, "__doc__", f"Doc.\n\n    Examples\n\n      {bad}\n")
+        with pytest.raises((AssertionError, Exception), match="tiny.safetensors|recipe not found"):
+            test_every_help_example_names_files_that_exist_or_are_explained()

@@ -106,3 +106,56 @@ def test_batch_size_must_be_positive(photos, tmp_path):
     res = CliRunner().invoke(app, ["embed", str(photos), "--backbone", "fake", "-o", str(tmp_path / "g.lance"),
                                    "--batch-size", "0"])
     assert res.exit_code == 1 and "--batch-size must be at least 1" in res.output
+
+
+# -- a store kept in step with its folder (issue 14) ---------------------------------------------------
+def test_a_changed_file_is_embedded_again_and_vanished_ids_stay_unless_sync(photos, tmp_path, caplog):
+    out = tmp_path / "g.lance"
+    run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0))
+    before = dict(zip(*read_embeddings(out)[1:4:2], strict=True))
+    Image.new("RGB", (16, 16), "white").save(photos / "red.png")  # same name, other content
+    (photos / "blue.png").unlink()
+    with caplog.at_level("INFO", logger="cirkit"):
+        r = run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0))
+    assert (r.counts["changed"], r.counts["embedded"], "removed" in r.counts) == (1, 1, False)
+    assert "1 stored ids have no image in" in caplog.text and "--sync removes them" in caplog.text
+    _, ids, _, vecs = read_embeddings(out)
+    now = dict(zip(ids, vecs, strict=True))
+    assert sorted(now) == ["blue", "red", "sub/green"] and not (now["red"] == before["red"]).all()
+    r = run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0, sync=True))
+    assert r.counts["removed"] == 1 and sorted(read_embeddings(out)[1]) == ["red", "sub/green"]
+
+
+def test_an_id_that_names_another_file_is_embedded_again(tmp_path):
+    for colour in ("red", "blue"):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{colour}.png")
+    gallery = tmp_path / "gallery.jsonl"
+    gallery.write_text(json.dumps({"id": "x", "image": "red.png"}) + "\n")
+    out = tmp_path / "g.lance"
+    run(EmbedConfig(input=gallery, output=out, backbone="fake", num_workers=0))
+    gallery.write_text(json.dumps({"id": "x", "image": "blue.png"}) + "\n")
+    r = run(EmbedConfig(input=gallery, output=out, backbone="fake", num_workers=0))
+    assert r.counts["changed"] == 1 and read_embeddings(out)[2] == [str(tmp_path / "blue.png")]
+
+
+def test_a_store_from_before_signatures_gets_them_and_then_notices_changes(photos, tmp_path):
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+    from cirkit.encode import encode_images
+    from cirkit.io.embeddings import SIGNATURE, create_table, row_schema, rows_table
+
+    bb = load_backbone(BackboneSpec(backbone="fake", model="fake"))
+    items = [(k, photos / f"{k}.png") for k in ("red", "blue")]
+    enc = encode_images(bb, items, num_workers=0)
+    schema = row_schema(bb.manifest().__class__.from_dict({**bb.manifest().to_dict(), "mode": "image"}))
+    create_table(str(tmp_path), "old", schema, rows_table(enc.ids, [str(p) for _, p in items], enc.vectors.numpy(),
+                                                          schema))  # the old layout: no signature column
+    out = tmp_path / "old.lance"
+    r = run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0))
+    assert r.counts["embedded"] == 1 and "changed" not in r.counts  # sub/green is new; red and blue are trusted
+    import lancedb
+
+    sigs = lancedb.connect(str(tmp_path)).open_table("old").to_arrow().column(SIGNATURE).to_pylist()
+    assert None not in sigs  # recorded now
+    Image.new("RGB", (16, 16), "white").save(photos / "blue.png")
+    assert run(EmbedConfig(input=photos, output=out, backbone="fake", num_workers=0)).counts["changed"] == 1

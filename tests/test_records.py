@@ -57,3 +57,23 @@ def test_triplet_ids_stay_readable():
     assert triplet_id("shoes/im_001", "shoes/im_002") == "shoes/im_001__shoes/im_002"
     assert triplet_id("q-1", "7") == "q-1__7"
     assert triplet_id("_x", "y_") == "%5Fx__y%5F" and triplet_id("50%", "a") == "50%25__a"
+
+
+def test_unknown_fields_are_kept_when_a_record_is_written_back(tmp_path):
+    """README: 'Unknown fields of a record are kept when cirkit writes it back' (here: caption --from)."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cirkit.cli import app
+    from cirkit.records import Caption
+
+    rec = Caption.from_dict({"id": "a", "image": "a.png", "caption": "x", "photographer": "me", "tags": ["t"]})
+    assert rec.to_dict()["photographer"] == "me" and rec.to_dict()["tags"] == ["t"]
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "caption": "a red square",
+                                                     "photographer": "me"}) + "\n")
+    res = CliRunner().invoke(app, ["caption", "--from", str(tmp_path / "mine.jsonl"), "-o", str(tmp_path / "c.jsonl")])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "c.jsonl").read_text())["photographer"] == "me"

@@ -4,6 +4,13 @@ cirkit registers its own small architectures (``cirkit-tiny`` for tests, ``cirki
 for training from scratch on CPU) beside open_clip's, the way open_clip keeps tiny test
 configs next to the real ones. ``pretrained`` is an open_clip tag (``openai``,
 ``laion2b_s34b_b79k``), a local ``.safetensors``/``.bin`` file, or None for random init.
+
+Activation: OpenAI's CLIP weights (and a few others: MetaCLIP, DFN, ...) were trained with
+QuickGELU, ``x * sigmoid(1.702 x)``, and open_clip's plain configs (``ViT-L-14``) build GELU,
+only warning about the mismatch. :func:`quick_gelu_for` reads the ``quick_gelu`` flag of the
+tag in open_clip's pretrained registry, so ``ViT-L-14`` + ``openai`` gets the activation its
+weights were trained with whatever the user types (``hf-hub:``/``local-dir:`` models carry
+their own flag in ``open_clip_config.json``, which open_clip honours).
 """
 
 from __future__ import annotations
@@ -37,14 +44,45 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
+def quick_gelu_for(model: str, pretrained: str | None) -> bool:
+    """Whether ``pretrained`` (an open_clip tag of ``model``) was trained with QuickGELU.
+
+    Read from open_clip's pretrained registry (``quick_gelu`` of the tag), never hard-coded:
+    True for ``openai`` on every architecture, and for the MetaCLIP/DFN/... tags that say so.
+    A file path, a schema'd model (``hf-hub:``, ``local-dir:``: their own config decides) or no
+    weights at all give False, i.e. the model config's own activation.
+    """
+    import open_clip
+
+    if not pretrained or model.startswith(("hf-hub:", "local-dir:")) or Path(pretrained).is_file():
+        return False
+    register_configs()
+    cfg = open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained) or {}
+    return bool(cfg.get("quick_gelu", False))
+
+
+def uses_quick_gelu(clip) -> bool:
+    """Whether an open_clip model's transformer MLPs use QuickGELU (what the weights must match)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in clip.modules())
+
+
 def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32",
-                allow_pickle: bool = False):
-    """``open_clip.create_model_and_transforms`` with clear errors; returns (model, preprocess, tokenizer)."""
+                allow_pickle: bool = False, quick_gelu: bool | None = None):
+    """``open_clip.create_model_and_transforms`` with clear errors; returns (model, preprocess, tokenizer).
+
+    ``quick_gelu``: force QuickGELU (True) or leave the config's activation (False); None
+    decides from the tag (:func:`quick_gelu_for`). A checkpoint rebuilds with the value it saved.
+    """
     import open_clip
 
     register_configs()
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         raise CirkitError(f"unknown open_clip model {model!r} (see open_clip.list_models())")
+    _check_hub(model, pretrained)
+    if quick_gelu is None:
+        quick_gelu = quick_gelu_for(model, pretrained)
     _check_weights_file(model, pretrained, allow_pickle)
     # Without a tag the weights are random on purpose (training from scratch, or a cirkit
     # checkpoint loaded next): open_clip's "No pretrained weights loaded" warning is noise then.
@@ -54,7 +92,7 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device, precision=precision,
-            weights_only=not allow_pickle,
+            weights_only=not allow_pickle, force_quick_gelu=bool(quick_gelu),
         )
     except RuntimeError as e:
         if "pretrained" in str(e).lower() or "download" in str(e).lower():
@@ -67,6 +105,21 @@ def create_clip(model: str, pretrained: str | None = None, device: str = "cpu", 
             logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(model)
     return clip, preprocess, tokenizer
+
+
+def _check_hub(model: str, pretrained: str | None) -> None:
+    """Weights that come from the Hugging Face Hub: one line at once when they cannot (cirkit.hub)."""
+    import open_clip
+
+    from cirkit.hub import check_model
+
+    if model.startswith("hf-hub:"):
+        check_model(model[len("hf-hub:"):], "open_clip model")
+    elif pretrained and not Path(pretrained).is_file():
+        repo = (open_clip.get_pretrained_cfg(model, pretrained) or {}).get("hf_hub", "").strip("/")
+        if repo:
+            check_model(repo, f"open_clip model ({model}, weights {pretrained})",
+                        local="a local weights file (--pretrained path/to/open_clip_model.safetensors)")
 
 
 def _weights_file(model: str, pretrained: str | None) -> str | None:

@@ -45,6 +45,20 @@ class BackboneSpec:
     allow_pickle: bool = False
 
 
+def needs(mode: str) -> str:
+    """What a query must have for ``mode`` ("" when either input will do)."""
+    return {"image": "a reference image", "text": "a modification text"}.get(mode, "")
+
+
+def query_fits(mode: str, has_image: bool, texts: list[str] | None) -> bool:
+    """Whether queries with (or without) an image and these texts can be answered in ``mode``."""
+    if mode == "image":
+        return has_image
+    if mode == "text":
+        return bool(texts) and all((t or "").strip() for t in texts)
+    return True
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -89,15 +103,43 @@ class Backbone(abc.ABC):
         """The model's own fusion of reference images and modification texts."""
 
     def embed_queries(self, batch: Any | None, texts: list[str] | None) -> torch.Tensor:
-        """Query side, honouring ``spec.mode``; a missing image or text falls back to the other."""
+        """Query side, honouring ``spec.mode``; a missing image or text falls back to the other.
+
+        Except in the single-input baselines: ``image`` mode without a reference image, or
+        ``text`` mode without a text, is an error rather than the other input in disguise (a
+        text-only query answered in ``image`` mode would score the text baseline under the
+        image baseline's name). :func:`needs` says which queries a mode can answer.
+
+        The fallback is decided per query: a blank text (CIRR test1 has ``" "``) makes that
+        query image-only whatever else is in its batch, so a ranking never depends on
+        ``--batch-size``.
+        """
         mode = self.spec.mode
+        if not query_fits(mode, batch is not None, texts):
+            from cirkit.errors import CirkitError
+
+            raise CirkitError(f"query mode {mode!r} needs {needs(mode)}; this query has none "
+                              f"(use --mode composed or sum, or give {needs(mode)})")
         if batch is None or mode == "text":
             return self.embed_texts(list(texts or []))
-        if not texts or mode == "image" or all(not (t or "").strip() for t in texts):
+        texts = list(texts or [])
+        blank = [not (t or "").strip() for t in texts] if texts else []
+        if mode == "image" or not texts or all(blank):
             return self.embed_image_queries(batch)
+        if any(blank):
+            keep = [i for i, b in enumerate(blank) if not b]
+            alone = [i for i, b in enumerate(blank) if b]
+            with_text = self._queries_with_text(_rows(batch, keep), [texts[i] for i in keep], mode)
+            image_only = self.embed_image_queries(_rows(batch, alone))
+            out = torch.empty(len(texts), with_text.shape[1], dtype=with_text.dtype)
+            out[keep], out[alone] = with_text, image_only.to(with_text.dtype)
+            return out
+        return self._queries_with_text(batch, texts, mode)
+
+    def _queries_with_text(self, batch: Any, texts: list[str], mode: str) -> torch.Tensor:
         if mode == "sum":
-            return normalize(self.embed_image_queries(batch) + self.embed_texts(list(texts)))
-        return self.embed_composed(batch, list(texts))
+            return normalize(self.embed_image_queries(batch) + self.embed_texts(texts))
+        return self.embed_composed(batch, texts)
 
     def embed_image_queries(self, batch: Any) -> torch.Tensor:
         """Image-only query; by default the same as the gallery side."""
@@ -122,6 +164,15 @@ class Backbone(abc.ABC):
     def checkpoint_id(self) -> str:
         s = self.spec
         return f"{s.model}" + (f"@{s.pretrained}" if s.pretrained else "")
+
+
+def _rows(batch: Any, keep: list[int]) -> Any:
+    """The ``keep`` rows of a collated batch: a tensor (stacked images) or a list (PIL images)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[torch.tensor(keep, device=batch.device)]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch[i] for i in keep)
+    raise TypeError(f"cannot select rows of a {type(batch).__name__} batch; override Backbone.embed_queries")
 
 
 def _source(model: str | None) -> str | None:

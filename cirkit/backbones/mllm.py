@@ -181,6 +181,9 @@ def load_base(model_id: str, trust_remote_code: bool = False, dtype: torch.dtype
     """``(model, processor)`` from a hub id or local folder (never runs remote code unless asked)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from cirkit.hub import check_model
+
+    check_model(model_id, "multimodal model")
     try:
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -194,6 +197,44 @@ def load_base(model_id: str, trust_remote_code: bool = False, dtype: torch.dtype
     return model, processor
 
 
+def default_pixels() -> tuple[int, int]:
+    """The ``min_pixels``/``max_pixels`` defaults, declared once as training settings."""
+    import dataclasses
+
+    from cirkit.train.config import TrainConfig
+
+    f = {x.name: x for x in dataclasses.fields(TrainConfig)}
+    return int(f["min_pixels"].default), int(f["max_pixels"].default)
+
+
+def cap_image_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None) -> bool:
+    """Bound a dynamic-resolution image processor (Qwen2-VL family) to ``min..max_pixels``.
+
+    Such a processor keeps each image near its own size, so a 4000x3000 photo becomes 1,230
+    visual tokens at the processor's default and up to 16k at the hub configs' limits; the
+    bound makes sequence length (memory, speed) independent of the photos. Returns whether
+    the processor is of that kind; fixed-size families (LLaVA's CLIP processor) are untouched.
+    """
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    keys = size.keys() if isinstance(size, dict) else vars(size) if size is not None else {}
+    if ip is None or not hasattr(ip, "merge_size") or "longest_edge" not in keys:
+        return False
+    lo = min_pixels if min_pixels is not None else _size_get(size, "shortest_edge")
+    hi = max_pixels if max_pixels is not None else _size_get(size, "longest_edge")
+    if lo > hi:
+        raise CirkitError(f"min_pixels {lo} is larger than max_pixels {hi}")
+    ip.size = {"shortest_edge": int(lo), "longest_edge": int(hi)}
+    for name in ("min_pixels", "max_pixels"):  # older processors also keep these attributes
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, int(lo if name == "min_pixels" else hi))
+    return True
+
+
+def _size_get(size: Any, key: str) -> int:
+    return int(size[key] if isinstance(size, dict) else getattr(size, key))
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     """Refuse a model folder transformers would load from pickle (decided by content), unless allowed."""
     from cirkit.checkpoint import check_model_folder
@@ -203,29 +244,37 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
 
 def save_checkpoint(model: torch.nn.Module, folder: str | Path, *, base_model: str | None, templates: dict[str, str],
                     max_length: int, merge: bool, stage: str, lora: dict[str, Any],
-                    temperature: float | None) -> None:
-    """Write an mllm checkpoint's model files and ``config.json`` into ``folder``.
+                    temperature: float | None, processor: Any = None,
+                    pixels: tuple[int, int] | None = None) -> None:
+    """Write an mllm checkpoint's model files and cirkit's config into ``folder``.
 
     A peft model writes its adapter (and, with ``merge``, merged complete weights too); a
-    fully fine-tuned model writes complete weights.
+    fully fine-tuned model writes complete weights. A folder with complete weights is also a
+    plain transformers model folder (the model's config.json, generation config and
+    ``processor``'s files; cirkit's config in cirkit.json): see :mod:`cirkit.checkpoint`.
     """
-    from cirkit.checkpoint import WEIGHTS, write_config
+    from cirkit.checkpoint import ADAPTER_DIR, WEIGHTS, write_config, write_model_files
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        model.save_pretrained(str(folder))
-        (folder / "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
-    if not is_peft or merge:
+    complete = not is_peft or merge
+    if is_peft:  # beside complete weights in adapter/ (see cirkit.checkpoint.adapter_folder)
+        where = folder / ADAPTER_DIR if complete and processor is not None else folder
+        model.save_pretrained(str(where))
+        (where / "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
+    if complete:
         import copy
 
         from safetensors.torch import save_model
 
-        # Complete weights (tied tensors stored once), loadable without peft.
-        save_model(copy.deepcopy(model).merge_and_unload() if is_peft else model, str(folder / WEIGHTS))
+        # Complete weights (tied tensors stored once), loadable without peft or cirkit.
+        full = copy.deepcopy(model).merge_and_unload() if is_peft else model
+        save_model(full, str(folder / WEIGHTS))
+        if processor is not None:
+            write_model_files(folder, full, processor)
     write_config(
-        folder, "mllm",
+        folder, "mllm", model_folder=complete and processor is not None,
         base_model=base_model,
         templates={k: templates[k] for k in DEFAULT_TEMPLATES},
         max_length=max_length,
@@ -235,6 +284,7 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path, *, base_model: s
         lora=lora if is_peft else None,
         stage=stage,
         temperature=temperature,
+        **({"min_pixels": int(pixels[0]), "max_pixels": int(pixels[1])} if pixels else {}),
     )
 
 
@@ -252,7 +302,15 @@ def load_checkpoint_model(
     when present and the adapter otherwise; ``adapter`` / ``merged`` force one.
     ``allow_pickle`` applies to the base model's folder (the checkpoint itself is safetensors only).
     """
-    from cirkit.checkpoint import ADAPTER_CONFIG, CONFIG, WEIGHTS, check_folder, read_config
+    from cirkit.checkpoint import (
+        ADAPTER_CONFIG,
+        CONFIG,
+        SETTINGS,
+        WEIGHTS,
+        adapter_folder,
+        check_folder,
+        read_config,
+    )
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -260,15 +318,25 @@ def load_checkpoint_model(
         raise CheckpointError(f"{folder}: not a cirkit mllm checkpoint ({CONFIG} with backbone 'mllm')")
     check_folder(folder, "mllm")
     has_full = (folder / WEIGHTS).exists()
-    has_adapter = (folder / ADAPTER_CONFIG).exists()
+    adapter = adapter_folder(folder)
+    has_adapter = adapter is not None
     if prefer == "adapter" and not has_adapter:
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG} (was it trained with --full-finetune?)")
     if prefer == "merged" and not has_full:
         raise CheckpointError(f"{folder}: no {WEIGHTS}; train with --merge to export merged weights")
+    full = has_full and (prefer in ("auto", "merged")) and not (prefer == "auto" and trainable and has_adapter)
+    if full and (folder / SETTINGS).is_file():  # a transformers model folder of its own: no base model needed
+        model, processor = load_base(str(folder), trust_remote_code, dtype)
+        if "max_pixels" in cfg:
+            cap_image_pixels(processor, cfg.get("min_pixels"), cfg["max_pixels"])
+        return model, processor, cfg
     if Path(cfg["base_model"]).is_dir():
         _check_weights(Path(cfg["base_model"]), allow_pickle)
     model, processor = load_base(cfg["base_model"], trust_remote_code, dtype)
-    if has_full and (prefer in ("auto", "merged")) and not (prefer == "auto" and trainable and has_adapter):
+    # The image size the checkpoint was trained at; an older checkpoint recorded none (processor default).
+    if "max_pixels" in cfg:
+        cap_image_pixels(processor, cfg.get("min_pixels"), cfg["max_pixels"])
+    if full:
         from safetensors.torch import load_model
 
         missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
@@ -282,7 +350,7 @@ def load_checkpoint_model(
         from peft import PeftModel
 
         with peft_quiet():
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, processor, cfg
 
 
@@ -347,6 +415,7 @@ def load_mllm_backbone(spec: BackboneSpec, prefer: str = "auto") -> MllmBackbone
     if Path(spec.model).is_dir():
         _check_weights(Path(spec.model), spec.allow_pickle)
     model, processor = load_base(spec.model, spec.trust_remote_code)
+    cap_image_pixels(processor, *default_pixels())
     return MllmBackbone(spec, model, processor)
 
 

@@ -6,18 +6,25 @@ Model (``VitCir``), following "Scaling Prompt Instructed Zero Shot CIR with Imag
   self-attention: image tokens are the queries, the instruction's final-layer token
   features from the CLIP text encoder (after ``ln_final``, padding masked) are keys and
   values; same head count as the block; Xavier init; pre-LayerNorm + residual like the
-  block's own. The residual is gated by ``tanh(g)`` with ``g`` initialised to 0 (as in
-  Flamingo), so a pretrained CLIP starts exactly unchanged and the image-only path of a
-  stage-1 model equals plain CLIP;
+  block's own (§II-B, §IV-A). By default the branch is the paper's plain residual
+  ``x + attn(x, text)``, so its q/k/v/out weights learn from the first step. The layers are
+  injected into a CLIP when stage 2 starts (§IV-A: "modified from CLIP pretrained ViT-L/14
+  and injects cross attention to each layer"): a stage-1 model is a plain CLIP, and so is
+  its image-only path. Departure, as an option (``gate_init``): a Flamingo-style
+  ``x + tanh(g) attn(x, text)`` with ``g`` starting at ``gate_init``; at 0 the model starts
+  exactly as the CLIP it came from, but the attention weights then get exactly zero
+  gradient at step 0 and learn only as fast as ``g`` grows, which is why it is not the default;
 * a predictor MLP on ``[pooled image embedding; text embedding]`` (both L2-normalised)
-  gives the reformulated query embedding. It is residual on the image embedding with a
-  zero-initialised last layer, so training starts from the image embedding instead of
-  from a random projection;
+  gives the reformulated query embedding (eq. 1). It is residual on the image embedding
+  with a zero-initialised last layer, so training starts from the image embedding instead
+  of from a random projection (a departure kept for the short synth runs);
 * target (gallery) images go through the same network with the null text, the token
-  sequence of the empty string;
-* a combiner (eq. 3) fuses the reformulated embedding with the pure text embedding by a
-  learned per-query weight ``w = sigmoid(a . [q; t] + b)`` (initialised near 1, i.e.
-  "trust the reformulation"), trained in ``--stage combiner`` with everything else frozen.
+  sequence of the empty string (§II-B);
+* a combiner (eq. 3) fuses the reformulated embedding with the pure text embedding by one
+  learned weight ``λ = sigmoid(a)`` (``a`` starts at 2, i.e. "trust the reformulation"),
+  fine-tuned in ``--stage combiner`` with the backbone and the temperature frozen (§II-C).
+  Departure, as an option (``combiner: gate``): a per-query weight
+  ``w = sigmoid(a . [q; t] + b)``, trained together with the temperature.
 
 A checkpoint folder (files named in :mod:`cirkit.checkpoint`) holds ``model.safetensors`` with
 the online (query) encoder and, when trained with EMA, the momentum target encoder under the
@@ -47,18 +54,25 @@ EMA_PREFIX = "ema."  # the target encoder's tensors inside the checkpoint's weig
 NULL_TEXT = ""
 # What config.json records about the architecture (everything else there is provenance).
 SETTING_KEYS = ("model", "pretrained", "embed_dim", "cross_attn", "cross_attn_layers", "predictor_hidden",
-                "temperature", "gate_init", "null_text", "combiner_trained")
+                "temperature", "gate_init", "null_text", "combiner_trained", "combiner", "quick_gelu")
+COMBINERS = ("weight", "gate")
+# config.json keys an older cirkit did not write, and what its checkpoints were built with.
+LEGACY_SETTINGS = {"gate_init": 0.0, "combiner": "gate", "quick_gelu": False}
 
 
 class CrossAttention(nn.Module):
-    """Image tokens attend to text tokens; gated pre-norm residual (gate 0 = identity)."""
+    """Image tokens attend to text tokens: pre-norm residual branch, Xavier init (§II-B, §IV-A).
 
-    def __init__(self, width: int, text_width: int, heads: int, gate_init: float = 0.0):
+    ``gate_init`` None: the paper's plain residual ``x + attn``. A number: the branch is scaled
+    by ``tanh(g)``, ``g`` starting there (0 = identity at init, zero attention gradients at step 0).
+    """
+
+    def __init__(self, width: int, text_width: int, heads: int, gate_init: float | None = None):
         super().__init__()
         self.ln_q = nn.LayerNorm(width)
         self.ln_kv = nn.LayerNorm(text_width)
         self.attn = nn.MultiheadAttention(width, heads, kdim=text_width, vdim=text_width, batch_first=True)
-        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init))) if gate_init is not None else None
         for p in self.attn.parameters():
             if p.ndim >= 2:
                 nn.init.xavier_uniform_(p)
@@ -68,6 +82,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None) -> torch.Tensor:
         kv = self.ln_kv(kv)
         out = self.attn(self.ln_q(x), kv, kv, key_padding_mask=kv_pad, need_weights=False)[0]
+        if self.gate is None:
+            return x + out
         return x + torch.tanh(self.gate).to(out.dtype) * out
 
 
@@ -90,7 +106,25 @@ class Predictor(nn.Module):
 
 
 class Combiner(nn.Module):
-    """Eq. 3: ``w q + (1 - w) t`` with a learned per-query weight ``w`` in (0, 1)."""
+    """Eq. 3: ``λ q + (1 - λ) t`` with one learned weight ``λ = sigmoid(a)`` for every query."""
+
+    def __init__(self, dim: int, bias_init: float = 2.0):
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(float(bias_init)))
+
+    @property
+    def weight(self) -> float:
+        """λ, the share of the reformulated embedding."""
+        return float(torch.sigmoid(self.logit.detach()))
+
+    def forward(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        q, t = normalize_keep(q), normalize_keep(t)
+        w = torch.sigmoid(self.logit).to(q.dtype)
+        return w * q + (1 - w) * t
+
+
+class GatedCombiner(nn.Module):
+    """Departure from eq. 3 (``combiner: gate``): a per-query weight ``w = sigmoid(a . [q; t] + b)``."""
 
     def __init__(self, dim: int, bias_init: float = 2.0):
         super().__init__()
@@ -132,25 +166,17 @@ class VitCir(nn.Module):
             )
         if hasattr(clip, "text") and not hasattr(clip.text, "_embeds"):
             raise CirkitError(f"open_clip model {settings.get('model')!r}: only open_clip's own text transformer is supported")
-        blocks = visual.transformer.resblocks
-        width = visual.transformer.width
-        heads = _heads(blocks[0])
-        text_width = self._text_width()
         embed_dim = int(settings["embed_dim"])
-        layers = settings.get("cross_attn_layers")
-        if layers is None:
-            layers = list(range(len(blocks)))
-        layers = block_indexes(layers, len(blocks))
-        if any(i < 0 or i >= len(blocks) for i in layers):
-            raise CirkitError(f"cross_attn_layers {settings.get('cross_attn_layers')} out of range for {len(blocks)} blocks")
-        self.settings["cross_attn_layers"] = layers if settings.get("cross_attn", True) else []
-        self.xattn = nn.ModuleDict(
-            {str(i): CrossAttention(width, text_width, heads, settings.get("gate_init", 0.0)) for i in self.settings["cross_attn_layers"]}
-        )
+        self.xattn = nn.ModuleDict()
+        self.settings["cross_attn_layers"], self.settings["gate_init"] = [], settings.get("gate_init")
+        if settings.get("cross_attn", True):
+            self.add_cross_attention(settings.get("cross_attn_layers"), settings.get("gate_init"))
+        else:
+            self.settings["cross_attn"] = False
         hidden = settings.get("predictor_hidden") or 2 * embed_dim
         self.settings["predictor_hidden"] = hidden
         self.predictor = Predictor(embed_dim, hidden)
-        self.combiner = Combiner(embed_dim)
+        self.set_combiner(self.settings.get("combiner") or "weight")
         tau = float(settings.get("temperature", 0.07))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))
         self.register_buffer("null_tokens", null_tokens.reshape(1, -1).long(), persistent=False)
@@ -159,6 +185,35 @@ class VitCir(nn.Module):
             p = getattr(clip, name, None)
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(False)
+
+    # -- the layers the paper adds ---------------------------------------------------------
+    def add_cross_attention(self, layers: list[int] | None, gate_init: float | None) -> list[int]:
+        """Fresh Xavier-initialised cross-attention in ``layers`` (None = every block), replacing any.
+
+        Stage 2 calls this on a plain CLIP (§IV-A: the paper injects cross-attention into
+        CLIP ViT-L/14); returns the block indexes, as stored in ``settings``.
+        """
+        blocks = self.clip.visual.transformer.resblocks
+        wanted = list(range(len(blocks))) if layers is None else layers
+        idx = block_indexes(wanted, len(blocks))
+        if any(i < 0 or i >= len(blocks) for i in idx):
+            raise CirkitError(f"cross_attn_layers {layers} out of range for {len(blocks)} blocks")
+        width, heads, text_width = self.clip.visual.transformer.width, _heads(blocks[0]), self._text_width()
+        ref = next(self.clip.visual.parameters())
+        self.xattn = nn.ModuleDict(
+            {str(i): CrossAttention(width, text_width, heads, gate_init) for i in idx}
+        ).to(ref.device, ref.dtype)
+        self.settings.update(cross_attn=True, cross_attn_layers=idx, gate_init=gate_init)
+        return idx
+
+    def set_combiner(self, kind: str) -> None:
+        """A fresh eq. 3 combiner (``weight``) or the per-query gate (``gate``)."""
+        if kind not in COMBINERS:
+            raise CirkitError(f"unknown combiner {kind!r}; choose one of {', '.join(COMBINERS)}")
+        dim = int(self.settings["embed_dim"])
+        ref = next(self.clip.visual.parameters())
+        self.combiner = (Combiner if kind == "weight" else GatedCombiner)(dim).to(ref.device, ref.dtype)
+        self.settings["combiner"] = kind
 
     # -- text ---------------------------------------------------------------------------
     def _text_width(self) -> int:
@@ -280,18 +335,22 @@ def settings_from_config(config) -> dict[str, Any]:
         "cross_attn_layers": list(config.cross_attn_layers) if config.cross_attn_layers is not None else None,
         "predictor_hidden": config.predictor_hidden,
         "temperature": float(config.temperature),
-        "gate_init": float(config.gate_init),
+        "gate_init": None if config.gate_init is None else float(config.gate_init),
+        "combiner": config.combiner,
         "null_text": NULL_TEXT,
     }
 
 
 def build_model(settings: dict[str, Any], pretrained: str | None = None, allow_pickle: bool = False):
     """Create (VitCir, preprocess, tokenizer) from settings; CLIP weights from ``pretrained`` if given."""
-    from cirkit.backbones._openclip import create_clip, embed_dim
+    from cirkit.backbones._openclip import create_clip, embed_dim, uses_quick_gelu
 
-    clip, preprocess, tokenizer = create_clip(settings["model"], pretrained, allow_pickle=allow_pickle)
+    clip, preprocess, tokenizer = create_clip(settings["model"], pretrained, allow_pickle=allow_pickle,
+                                              quick_gelu=settings.get("quick_gelu"))
     settings = {k: v for k, v in settings.items() if k in SETTING_KEYS}
     settings["embed_dim"] = embed_dim(clip)
+    # Recorded, so a checkpoint rebuilds (without its tag) with the activation it was trained with.
+    settings["quick_gelu"] = uses_quick_gelu(clip)
     null = tokenizer([settings.get("null_text", NULL_TEXT)])
     model = VitCir(clip, settings, null)
     return model, preprocess, tokenizer
@@ -363,6 +422,9 @@ def load_model(folder: str | Path, allow_pickle: bool = False) -> tuple[VitCir, 
     weights open_clip loads first (the checkpoint's weights are safetensors only).
     """
     cfg, online, ema_state = read_checkpoint(folder)
+    # A setting an older cirkit did not record means what that cirkit built (tanh gates at 0,
+    # the per-query combiner, the config's own GELU), so its weights fit the rebuilt model.
+    cfg = {**LEGACY_SETTINGS, **cfg}
     model, preprocess, tokenizer = build_model(cfg, allow_pickle=allow_pickle)
     load_weights(model, online, str(folder))
     ema = None
@@ -435,9 +497,11 @@ def load_vit_backbone(spec: BackboneSpec) -> VitBackbone:
         return VitBackbone(spec, model, ema, preprocess, tokenizer, cfg)
     if spec.model and Path(spec.model).is_dir():
         raise CheckpointError(f"{spec.model}: a folder without config.json is not a cirkit checkpoint")
-    settings = {"model": spec.model or "cirkit-small", "cross_attn": True, "cross_attn_layers": None,
+    # No cross-attention yet (stage 2 injects it): the untrained predictor is the identity, so
+    # composed queries equal image queries, and the gallery side is the plain CLIP embedding.
+    settings = {"model": spec.model or "cirkit-small", "cross_attn": False, "cross_attn_layers": None,
                 "predictor_hidden": None, "temperature": 0.07, "null_text": NULL_TEXT}
-    log.warning("vit backbone from %s without a cirkit checkpoint: cross-attention and predictor are untrained "
+    log.warning("vit backbone from %s without a cirkit checkpoint: no cross-attention and an untrained predictor "
                 "(composed queries equal image queries)", settings["model"])
     model, preprocess, tokenizer = build_model(settings, spec.pretrained, allow_pickle=spec.allow_pickle)
     return VitBackbone(spec, model, None, preprocess, tokenizer, {"model": settings["model"]})

@@ -54,3 +54,10 @@ from cirkit.cli import train as _train  # noqa: E402
 for _fn in (_synth.synth, _caption.caption, _reformulate.reformulate, _evaluate.evaluate, _index.index,
             _query.query, _train.train, _embed.embed, _serve.serve):
     app.command(name=_fn.__name__, cls=StubCommand)(_fn)
+
+# Tools around the stages: no config dataclass, no torch.
+from cirkit.cli import doctor as _doctor  # noqa: E402
+from cirkit.cli import recipes as _recipes  # noqa: E402
+
+app.command(name="recipes")(_recipes.recipes)
+app.command(name="doctor")(_doctor.doctor)

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from cirkit.config import UsageError, default_of, flag_name, help_text, resolve, shown, spec
+from cirkit.config import UsageError, default_of, flag_name, help_text, resolve, shown, spec, streams
 from cirkit.errors import CirkitError
 
 try:  # typer >= 0.28 carries its own copy of click
@@ -45,25 +45,10 @@ QUIET_HELP = "Only errors and the final summary; no progress bars."
 
 # -- logging and messages ----------------------------------------------------------------------
 def setup_logging(verbose: bool, quiet: bool) -> None:
-    """The ``cirkit`` logger: rich lines on stderr (stdout is for results and ``--json``)."""
-    from rich.console import Console
-    from rich.logging import RichHandler
+    """cirkit's and the libraries' messages: one line each on stderr (see :mod:`cirkit.logs`)."""
+    from cirkit.logs import setup
 
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
-    logger = logging.getLogger("cirkit")
-    logger.handlers.clear()
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=verbose, markup=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
-    # Libraries that log through the root logger (open_clip's logging.warning) would otherwise get
-    # Python's default handler and print 'WARNING:root:...' lines beside our one-line error.
-    root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if not getattr(h, "cirkit_root", False)]
-    library = handler if verbose else logging.NullHandler()
-    library.cirkit_root = True  # type: ignore[attr-defined]
-    root.addHandler(library)
+    setup(verbose, quiet)
 
 
 def printable(text: str) -> str:
@@ -339,7 +324,12 @@ def build(body: Callable[..., None], config_cls: type, section: str) -> Callable
         recipe, json_out = kwargs.pop("config"), kwargs.pop("json_out")
         with user_errors(verbose):
             flags = _given(config_cls, sources, kwargs, ctx.command_path)
-            body(resolve(config_cls, recipe, flags, section=section), json_out)
+            config = resolve(config_cls, recipe, flags, section=section)
+            streamed = streams(config)
+            if json_out and streamed:
+                raise UsageError(f"--json and {streamed[0]} - both write to standard output; drop --json (the summary "
+                                 "line goes to stderr) or write the records to a file")
+            body(config, json_out)
 
     run_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run_command.__name__ = run_command.__qualname__ = body.__name__
@@ -478,7 +468,15 @@ _LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
 
 
 def emit(result: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
-    """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table)."""
+    """Print a stage's summary: a JSON object on stdout, or a rich one-liner (after ``render()``, e.g. a table).
+
+    Under ``accelerate launch``/``torchrun`` only the main process prints: every process returns
+    a result, the main one's holds the counts of all.
+    """
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         data = finite(result.to_dict())
         try:

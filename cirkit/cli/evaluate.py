@@ -20,7 +20,7 @@ def evaluate(config: EvaluateConfig, json_out: bool) -> None:
 
     Examples
 
-      cirkit evaluate synth -d out/benchmark --backbone clip -m cirkit-tiny --pretrained tiny.safetensors \\
+      cirkit evaluate synth -d data/synth/benchmark --backbone clip -m ViT-B-32 --pretrained openai \\
           --mode image --mode text --mode sum -o metrics.json
 
       cirkit evaluate cirr -d data/cirr --images data/nlvr2 -m ViT-B-32 --pretrained openai
@@ -57,19 +57,33 @@ def print_table(result) -> None:
         table.add_column(n, justify="right")
     for r in rows:
         cells = [r["mode"]] + ([r["split"]] if len(splits) > 1 else [])
-        table.add_row(*cells, *[f"{r['metrics'][n]:.2f}" if n in r["metrics"] else "" for n in names])
+        table.add_row(*cells, *[_cell(r["metrics"], r.get("ci", {}), n) for n in names])
     console.print(table)
-    task_rows = [(r["mode"], r["split"], t, m) for r in rows for t, m in r["tasks"].items()]
+    task_rows = [(r["mode"], r["split"], t, m, r.get("task_ci", {}).get(t, {})) for r in rows for t, m in r["tasks"].items()]
     if task_rows:
-        tnames = list(dict.fromkeys(n for *_, m in task_rows for n in m))
+        tnames = list(dict.fromkeys(n for _, _, _, m, _ in task_rows for n in m))
         tt = Table(title="per task")
         for c in ("mode", "split", "task"):
             tt.add_column(c)
         for n in tnames:
             tt.add_column(n, justify="right")
-        for mode, split, t, m in task_rows:
-            tt.add_row(mode, split, t, *[f"{m[n]:.2f}" if n in m else "" for n in tnames])
+        for mode, split, t, m, ci in task_rows:
+            tt.add_row(mode, split, t, *[_cell(m, ci, n) for n in tnames])
         console.print(tt)
+    samples = result.metrics.get("bootstrap/samples")
+    if samples:
+        console.print(f"[lo, hi]: 95 % bootstrap interval over the queries ({samples} resamples, seed "
+                      f"{result.metrics.get('bootstrap/seed')})")
     primary = result.metrics.get("primary_metric")
     if primary and primary in result.metrics:
-        console.print(f"primary metric {primary} = {result.metrics[primary]:.2f}")
+        ci = result.metrics.get(f"{primary}/ci95")
+        shown = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        console.print(f"primary metric {primary} = {result.metrics[primary]:.2f}{shown}")
+
+
+def _cell(metrics: dict, ci: dict, name: str) -> str:
+    """``45.20 [43.10, 47.30]``: the value and its interval (when computed)."""
+    if name not in metrics:
+        return ""
+    lo_hi = ci.get(name)
+    return f"{metrics[name]:.2f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")

@@ -54,7 +54,9 @@ def load_benchmark(name: str | None, data: str | Path, images: str | Path | None
     """The adapter for ``name`` (or the detected one) over ``data``."""
     if data is None:
         hint = f"; {name!r} is a folder: pass it as --data {name}" if name and Path(name).exists() else ""
-        raise CirkitError(f"no benchmark data; pass --data (the annotation root or benchmark folder){hint}")
+        from cirkit.config import UsageError
+
+        raise UsageError(f"no benchmark data; pass --data (the annotation root or benchmark folder){hint}")
     name = (name or detect_benchmark(data)).lower()
     data = Path(data)
     images = Path(images) if images is not None else None

@@ -112,7 +112,11 @@ class Benchmark:
 
     # -- outputs -------------------------------------------------------------------------
     def write_submission(self, split: str, task: Task, ranked: Ranked, folder: Path) -> list[Path]:
-        """Write this task's rankings; default: ``<benchmark>-<split>[-<task>]-rankings.jsonl`` of Result records."""
+        """Write this task's rankings; default: ``<benchmark>-<split>[-<task>]-rankings.jsonl`` of Result records.
+
+        Image paths are written absolute, as ``query --batch`` writes ``results.jsonl``: a path
+        relative to where the command ran would point elsewhere from the rankings file's folder.
+        """
         from cirkit.io import safe_join, write_jsonl
         from cirkit.records import Result
 
@@ -124,10 +128,11 @@ class Benchmark:
             if q.id not in ranked.ids:
                 continue
             hits = [
-                {"rank": r, "id": g, "score": round(float(s), 6), "image": str(task.gallery[g])}
+                {"rank": r, "id": g, "score": round(float(s), 6), "image": str(Path(task.gallery[g]).resolve())}
                 for r, (g, s) in enumerate(zip(ranked.ids[q.id], ranked.scores[q.id], strict=True), start=1)
             ]
-            recs.append(Result(id=q.id, hits=hits, reference=q.reference, text=q.text))
+            ref = str(Path(q.reference).resolve()) if q.reference else None
+            recs.append(Result(id=q.id, hits=hits, reference=ref, text=q.text))
         write_jsonl(path, recs, kind="rankings file", owned=is_rankings)
         return [path]
 

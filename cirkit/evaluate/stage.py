@@ -10,6 +10,9 @@ pure functions in :mod:`cirkit.metrics` score the rankings.
     "<mode>/<split>/<metric>": float           split-level numbers (e.g. "composed/val/R@1")
     "<mode>/<split>/<task>/<metric>": float    per task, when a split has several
                                                (FashionIQ categories, GeneCIS tasks)
+    "<any of those keys>/ci95": [lo, hi]       95 % bootstrap interval (``--bootstrap N``
+                                               resamples of the queries, seeded)
+    "bootstrap/samples", "bootstrap/seed"
     "primary_metric": "<mode>/<split>/<metric>"
     "protocol/<switch>": value                 what changes the numbers (exclusions, joins, ties)
     "benchmark", "splits", "modes", "backbone", "checkpoint", "dim", "model", "pretrained",
@@ -33,6 +36,7 @@ from cirkit.config import (
     batch_size_setting,
     check_settings,
     device_setting,
+    gpu_decode_setting,
     num_workers_setting,
     precision_setting,
     setting,
@@ -78,6 +82,10 @@ class EvaluateConfig:
     allow_pickle: bool = allow_pickle_setting()
     wait: bool = wait_setting()
     chunk_size: int = setting(256, ge=1, cli=False, help="Queries ranked per matrix product.")
+    bootstrap: int = setting(1000, ge=0, help="Resamples of the queries for a 95% confidence interval of every "
+                                               "metric (metrics.json '<key>/ci95', the table); 0 = none.")
+    bootstrap_seed: int = setting(0, ge=0, help="Seed of the bootstrap resampling (same seed, same intervals).")
+    gpu_decode: str = gpu_decode_setting()
 
     def __post_init__(self):
         if isinstance(self.mode, str):
@@ -115,11 +123,14 @@ def _check_outputs(config: EvaluateConfig) -> None:
         raise CirkitError(f"{sub}: --submission is a folder, but a file is here; choose a folder path")
 
 
-def _locks(config: EvaluateConfig) -> contextlib.ExitStack:
-    """One writer at a time for metrics.json and for the submission folder, for the whole run."""
+def _locks(config: EvaluateConfig, proc) -> contextlib.ExitStack:
+    """One writer at a time for metrics.json and for the submission folder, for the whole run
+    (held by the main process: under accelerate launch it alone writes them)."""
     from cirkit.io.lock import output_lock
 
     stack = contextlib.ExitStack()
+    if not proc.is_main:
+        return stack
     with stack:
         if config.output is not None:
             stack.enter_context(output_lock(config.output, wait=config.wait, what="metrics file"))
@@ -129,12 +140,20 @@ def _locks(config: EvaluateConfig) -> contextlib.ExitStack:
 
 
 def run(config: EvaluateConfig, backbone=None) -> StageResult:
-    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object."""
+    """Evaluate; returns a StageResult whose ``metrics`` is the metrics.json object.
+
+    Under ``accelerate launch`` every process embeds its share of the gallery and of the queries
+    (:func:`cirkit.encode.encode_images` with the process info) and receives all vectors; the
+    ranking and the metrics are then those of one process, and only the main process writes
+    ``metrics.json`` and the submission files.
+    """
+    from cirkit.device import process_info
     from cirkit.evaluate import load_benchmark
 
     _check_outputs(config)
+    proc = process_info()
     result = StageResult("evaluate")
-    with timed(result), _locks(config):
+    with timed(result), _locks(config, proc):
         bench = load_benchmark(
             config.benchmark, config.data, config.images,
             caption_join=config.caption_join, exclude_reference=config.exclude_reference,
@@ -148,10 +167,12 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
                 f"{bench.name} split {', '.join(splits)} has no ground truth; pass --submission DIR to write "
                 "the rankings / test-server files"
             )
-        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone)
+        metrics, rows = _evaluate(bench, splits, loaded, config, result, backbone, proc)
         result.metrics = metrics
         result.details["rows"] = rows
-        if config.output is not None:
+        if proc.world > 1:
+            result.details["processes"] = proc.world
+        if config.output is not None and proc.is_main:
             from cirkit.io import atomic_write_json
 
             atomic_write_json(config.output, metrics, kind="metrics file", owned=is_metrics)
@@ -161,52 +182,33 @@ def run(config: EvaluateConfig, backbone=None) -> StageResult:
     return result
 
 
-def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone):
+def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult, backbone, proc=None):
     import torch
 
     from cirkit import __version__
-    from cirkit.backbones import load_backbone
-    from cirkit.backbones.base import BackboneSpec
-    from cirkit.encode import encode_images, encode_queries
+    from cirkit.encode import encode_queries
 
     modes = config.modes
-    if backbone is None:
-        backbone = load_backbone(BackboneSpec(
-            backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=modes[0],
-            device=config.device, precision=config.precision, allow_pickle=config.allow_pickle,
-        ))
+    backbone = backbone if backbone is not None else _load_backbone(config, modes[0], proc)
     base_spec = backbone.spec
 
-    # Every gallery image once, whatever the number of tasks and modes.
-    paths: dict[str, Path] = {}
-    for _, task in loaded:
-        for p in task.gallery.values():
-            paths.setdefault(str(p), p)
-    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
-                        description="embedding gallery")
-    for key, reason in gal.failed:
-        result.skip(key, reason)
+    gal, paths = _encode_gallery(loaded, backbone, config, result, proc)
     row_of = gal.row_of()
-
-    qitems, qkey = [], {}
-    for n, (_split, task) in enumerate(loaded):
-        for q in task.queries:
-            key = f"{n}\x1f{q.id}"
-            qkey[(n, q.id)] = key
-            qitems.append((key, Path(q.reference) if q.reference is not None else None, q.text))
+    qitems, qkey = _query_items(loaded)
 
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     want_depth = SUBMISSION_DEPTH if config.submission is not None else 0
     for mi, mode in enumerate(modes):
         backbone.spec = dataclasses.replace(base_spec, mode=mode)
-        qenc = encode_queries(backbone, qitems, config.batch_size, config.num_workers, config.strict,
-                              description=f"embedding queries ({mode})")
+        usable = _answerable(mode, qitems, loaded, metrics)
+        qenc = encode_queries(backbone, usable, config.batch_size, config.num_workers, config.strict,
+                              description=f"embedding queries ({mode})", proc=proc, gpu_decode=config.gpu_decode)
         if mi == 0:
             for key, reason in qenc.failed:
                 result.skip(key.split("\x1f", 1)[1], f"reference image: {reason}")
         qrow = qenc.row_of()
-        per_split: dict[str, dict[str, dict[str, float]]] = {}
+        per_split: dict[str, dict[str, dict[str, list[float]]]] = {}  # split -> task -> metric -> per query
         for n, (split, task) in enumerate(loaded):
             gids = [g for g, p in task.gallery.items() if str(p) in row_of]
             gvec = gal.vectors[[row_of[str(task.gallery[g])] for g in gids]] if gids else torch.empty(0, backbone.dim)
@@ -214,23 +216,16 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
             qvec = qenc.vectors[[qrow[qkey[(n, q.id)]] for q in qs]] if qs else torch.empty(0, backbone.dim)
             ranked = rank_task(task, gids, gvec, qs, qvec, max(task.depth(), want_depth), config.chunk_size)
             if task.has_ground_truth:
-                per_split.setdefault(split, {})[task.name] = score_task(task, qs, ranked)
-            if config.submission is not None:
+                per_split.setdefault(split, {})[task.name] = query_scores(task, qs, ranked)
+            if config.submission is not None and (proc is None or proc.is_main):
                 folder = Path(config.submission) / (mode if len(modes) > 1 else "")
                 folder.mkdir(parents=True, exist_ok=True)
                 bench.write_submission(split, task, ranked, folder)
             if mi == 0:
                 metrics[f"count/{split}/queries"] = metrics.get(f"count/{split}/queries", 0) + len(qs)
                 metrics[f"count/{split}/gallery"] = metrics.get(f"count/{split}/gallery", 0) + len(gids)
-        for split, per_task in per_split.items():
-            summary = bench.aggregate(split, per_task)
-            for name, value in summary.items():
-                metrics[f"{mode}/{split}/{name}"] = round(float(value), 4)
-            if len(per_task) > 1:
-                for tname, tm in per_task.items():
-                    for name, value in tm.items():
-                        metrics[f"{mode}/{split}/{tname}/{name}"] = round(float(value), 4)
-            rows.append({"mode": mode, "split": split, "metrics": summary, "tasks": per_task if len(per_task) > 1 else {}})
+        for split, scores in per_split.items():
+            rows.append(_score_split(bench, mode, split, scores, config, metrics))
     backbone.spec = base_spec
 
     scored = [s for s in splits if any(r["split"] == s for r in rows)]
@@ -252,11 +247,75 @@ def _evaluate(bench, splits, loaded, config: EvaluateConfig, result: StageResult
     out["data"] = str(Path(config.data).resolve())
     out["images"] = str(Path(config.images).resolve()) if config.images is not None else None
     out.update({k: v for k, v in metrics.items() if k.startswith("count/")})
+    if config.bootstrap:
+        out["bootstrap/samples"], out["bootstrap/seed"] = int(config.bootstrap), int(config.bootstrap_seed)
     out["cirkit"] = __version__
     result.counts["queries"] = sum(len(t.queries) for _, t in loaded)
     result.counts["gallery_images"] = len(paths)
     result.counts["modes"] = len(modes)
     return out, rows
+
+
+def _answerable(mode: str, qitems: list, loaded: list, metrics: dict[str, Any]) -> list:
+    """The queries ``mode`` can answer; the others are left out of its scores, counted per split.
+
+    ``image`` needs a reference and ``text`` a text: answering a text-only query in ``image``
+    mode with its text (as the backbone's fallback did) flattered the image-only row. The
+    count is ``count/<split>/<mode>/left_out`` in metrics.json.
+    """
+    from cirkit.backbones.base import needs, query_fits
+
+    usable, left = [], {}
+    for item in qitems:
+        key, ref, text = item
+        if query_fits(mode, ref is not None, [text or ""]):
+            usable.append(item)
+        else:
+            split = loaded[int(key.split("\x1f", 1)[0])][0]
+            left[split] = left.get(split, 0) + 1
+    for split, n in left.items():
+        metrics[f"count/{split}/{mode}/left_out"] = n
+        log.warning("%s split, mode %s: %d queries without %s are left out of its scores", split, mode, n, needs(mode))
+    return usable
+
+
+def _load_backbone(config: EvaluateConfig, mode: str, proc):
+    """The backbone the config names, on this process's device under accelerate launch."""
+    from cirkit.backbones import load_backbone
+    from cirkit.backbones.base import BackboneSpec
+
+    return load_backbone(BackboneSpec(
+        backbone=config.backbone, model=config.model, pretrained=config.pretrained, mode=mode,
+        device=config.device or (proc.device if proc is not None else None), precision=config.precision,
+        allow_pickle=config.allow_pickle,
+    ))
+
+
+def _encode_gallery(loaded, backbone, config: EvaluateConfig, result: StageResult, proc):
+    """Every gallery image embedded once, whatever the number of tasks and modes (a share per process)."""
+    from cirkit.encode import encode_images
+
+    paths: dict[str, Any] = {}
+    for _, task in loaded:
+        for p in task.gallery.values():
+            paths.setdefault(str(p), p)  # a path, or a dataset row's image (named <dataset>#<id>)
+    gal = encode_images(backbone, list(paths.items()), config.batch_size, config.num_workers, config.strict,
+                        description="embedding gallery", proc=proc, gpu_decode=config.gpu_decode)
+    for key, reason in gal.failed:
+        result.skip(key, reason)
+    return gal, paths
+
+
+def _query_items(loaded) -> tuple[list[tuple[str, Any, str | None]], dict[tuple[int, str], str]]:
+    """``(key, reference image, text)`` of every task's queries, keyed by task so ids may repeat across tasks."""
+    qitems, qkey = [], {}
+    for n, (_split, task) in enumerate(loaded):
+        for q in task.queries:
+            key = f"{n}\x1f{q.id}"
+            qkey[(n, q.id)] = key
+            ref = q.reference
+            qitems.append((key, Path(ref) if isinstance(ref, str) else ref, q.text))  # a path, or a dataset image
+    return qitems, qkey
 
 
 def rank_task(task, gids: list[str], gvec, queries: list, qvec, depth: int, chunk_size: int = 256):
@@ -313,28 +372,62 @@ def _scores(rows, q):
     return (rows * q).sum(dim=1)
 
 
-def score_task(task, queries: list, ranked) -> dict[str, float]:
-    """The task's metrics over its queries that have targets and were ranked."""
+def _score_split(bench, mode: str, split: str, scores: dict[str, dict[str, list[float]]], config: EvaluateConfig,
+                 metrics: dict[str, Any]) -> dict[str, Any]:
+    """One mode's split: per-task means, the benchmark's summary and their bootstrap intervals
+    into ``metrics``; returns the table row."""
+    from cirkit import metrics as M
+
+    per_task = {t: {m: M.mean(v) for m, v in ms.items()} for t, ms in scores.items()}
+    summary = bench.aggregate(split, per_task)
+    ci, task_ci = M.bootstrap_ci(scores, lambda rep: bench.aggregate(split, rep), config.bootstrap,
+                                 config.bootstrap_seed) if config.bootstrap else ({}, {})
+    prefix = f"{mode}/{split}"
+    for name, value in summary.items():
+        metrics[f"{prefix}/{name}"] = round(float(value), 4)
+        if name in ci:
+            metrics[f"{prefix}/{name}/ci95"] = [round(x, 4) for x in ci[name]]
+    if len(per_task) > 1:
+        for tname, tm in per_task.items():
+            for name, value in tm.items():
+                metrics[f"{prefix}/{tname}/{name}"] = round(float(value), 4)
+                if name in task_ci.get(tname, {}):
+                    metrics[f"{prefix}/{tname}/{name}/ci95"] = [round(x, 4) for x in task_ci[tname][name]]
+    many = len(per_task) > 1
+    return {"mode": mode, "split": split, "metrics": summary, "tasks": per_task if many else {},
+            "ci": ci, "task_ci": task_ci if many else {}}
+
+
+def query_scores(task, queries: list, ranked) -> dict[str, list[float]]:
+    """Each of the task's metrics as one score per query (its mean is the metric), over the
+    queries that have targets and were ranked (:mod:`cirkit.metrics`' ``*_scores``)."""
     from cirkit import metrics as M
 
     qs = [q for q in queries if q.targets and q.id in ranked.ids]
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     if not qs:
         return out
     lists = [ranked.ids[q.id] for q in qs]
     if task.candidate_ks:
         ranks = [ranked.target_ranks[q.id] for q in qs]
         for k in task.candidate_ks:
-            out[f"R@{k}"] = M.recall_from_ranks(ranks, k)
+            out[f"R@{k}"] = M.rank_scores(ranks, k)
         return out
     first = [q.targets[:1] if task.recall_first_target_only else q.targets for q in qs]
     for k in task.recall_ks:
-        out[f"R@{k}"] = M.recall_at_k(lists, first, k)
+        out[f"R@{k}"] = M.recall_scores(lists, first, k)
     for k in task.map_ks:
-        out[f"mAP@{k}"] = M.map_at_k(lists, [q.targets for q in qs], k)
+        out[f"mAP@{k}"] = M.ap_scores(lists, [q.targets for q in qs], k)
     if task.subset_ks:
         sub = [ranked.subset.get(q.id, []) for q in qs]
         excl = [[q.reference_id] if task.exclude_reference and q.reference_id else [] for q in qs]
         for k in task.subset_ks:
-            out[f"Rs@{k}"] = M.recall_subset_at_k(sub, [q.targets for q in qs], [q.subset or [] for q in qs], k, excl)
+            out[f"Rs@{k}"] = M.recall_subset_scores(sub, [q.targets for q in qs], [q.subset or [] for q in qs], k, excl)
     return out
+
+
+def score_task(task, queries: list, ranked) -> dict[str, float]:
+    """The task's metrics over its queries that have targets and were ranked."""
+    from cirkit import metrics as M
+
+    return {name: M.mean(v) for name, v in query_scores(task, queries, ranked).items()}

@@ -93,6 +93,11 @@ def _remove(entry: Path) -> None:
             entry.unlink()
 
 
+def is_stdio(path: str | Path | None) -> bool:
+    """Whether ``path`` is ``-``: standard output for a per-record output, standard input for an input."""
+    return path is not None and str(path) == "-"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8", kind: str | None = None,
                  owned: Callable[[Path], bool] | None = None) -> Iterator[Any]:
@@ -101,6 +106,8 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     ``kind``/``owned``: see :func:`check_file_output` (a user-named output replaces only its own kind).
     """
     path = Path(path)
+    if is_stdio(path):
+        raise CirkitError("-: this output is written whole, not streamed record by record; give a file path")
     check_file_output(path, kind, owned)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path)
@@ -146,6 +153,8 @@ def check_file_output(path: str | Path, kind: str | None = None, owned: Callable
     lands on a user's file (or on the run's own inputs) by a mistyped ``-o``.
     """
     path = Path(path)
+    if is_stdio(path):
+        return
     if path.is_symlink():
         raise CirkitError(
             f"{path}: is a symbolic link; cirkit does not write through or replace links, pass the file it points "

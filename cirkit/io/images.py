@@ -55,8 +55,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErr
                   struct.error)
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
+def open_image(path, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
     """Decode ``path`` to an RGB PIL image with EXIF orientation applied.
+
+    ``path`` is a file path, the encoded bytes of an image, or an object with an
+    ``image_source()`` method returning either (a dataset row's image,
+    :class:`cirkit.io.datasets.DatasetImage`): every image cirkit reads, whatever holds it,
+    passes the same checks here.
 
     Raises :class:`ImageError` (with the reason) for missing, empty, truncated,
     non-image, or oversized files (pixels, longest side, aspect ratio: see :func:`check_size`);
@@ -67,24 +72,46 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
     DCT scale (1/2, 1/4, 1/8) that still gives that, which is several times faster for
     photos much larger than a model's input.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    import io
 
+    shown = str(path)
+    if hasattr(path, "image_source"):
+        path = path.image_source()
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if not len(path):
+            raise ImageError(shown, "empty image (0 bytes)")
+        return _decode(io.BytesIO(path), shown, max_pixels, min_side)
     path = Path(path)
     if "\x00" in str(path):  # a path from the data (an index row, a JSONL field) that no file can have
         raise ImageError(display_path(path).replace("\x00", "\\x00"), "the path contains a NUL character")
+    shown = display_path(path)
     try:
         if path.is_dir():
-            raise ImageError(display_path(path), "is a folder, not an image file")
+            raise ImageError(shown, "is a folder, not an image file")
         if path.stat().st_size == 0:
-            raise ImageError(display_path(path), "empty file (0 bytes)")
+            raise ImageError(shown, "empty file (0 bytes)")
+    except FileNotFoundError:
+        raise ImageError(shown, "no such file") from None
+    except PermissionError:
+        raise ImageError(shown, "permission denied; make the file readable") from None
+    except OSError as e:  # a name too long, a loop of links, ...
+        raise ImageError(shown, f"cannot decode ({e})") from None
+    return _decode(path, shown, max_pixels, min_side)
+
+
+def _decode(source, shown: str, max_pixels: int, min_side: int | None):
+    """Decode a file path or a binary file object (see :func:`open_image`); ``shown`` names it in errors."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
         with warnings.catch_warnings():
             # We check the size ourselves right after the header is read, with a clearer message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as im:
+            with Image.open(source, formats=FORMATS) as im:
                 w, h = im.size
                 refused = check_size(w, h, max_pixels)
                 if refused:
-                    raise ImageError(display_path(path), refused)
+                    raise ImageError(shown, refused)
                 if min_side and im.format == "JPEG" and min(w, h) > 2 * min_side:
                     # draft keeps both sides >= the request; scale it so the shorter side is min_side.
                     im.draft("RGB", (max(1, w * min_side // min(w, h)), max(1, h * min_side // min(w, h))))
@@ -94,17 +121,16 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | N
     except ImageError:
         raise
     except FileNotFoundError:  # also when it vanished between listing and decoding
-        raise ImageError(display_path(path), "no such file") from None
+        raise ImageError(shown, "no such file") from None
     except PermissionError:
-        raise ImageError(display_path(path), "permission denied; make the file readable") from None
+        raise ImageError(shown, "permission denied; make the file readable") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(display_path(path),
-                         f"exceeds the {max_pixels}-pixel limit, refused as a decompression bomb ({e})") from None
+        raise ImageError(shown, f"exceeds the {max_pixels}-pixel limit, refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(display_path(path), "not an image PIL can identify (cirkit reads JPEG, PNG, WebP, BMP, "
-                                            "GIF and TIFF)") from None
+        raise ImageError(shown, "not an image PIL can identify (cirkit reads JPEG, PNG, WebP, BMP, "
+                                "GIF and TIFF)") from None
     except _DECODE_ERRORS as e:
-        raise ImageError(display_path(path), f"cannot decode ({e})") from None
+        raise ImageError(shown, f"cannot decode ({e})") from None
 
 
 def _to_rgb(im):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from cirkit.errors import CirkitError, RecordError
-from cirkit.io.atomic import atomic_write, check_file_output
+from cirkit.io.atomic import atomic_write, check_file_output, is_stdio
 from cirkit.records import Record
 
 R = TypeVar("R", bound=Record)
@@ -321,6 +321,9 @@ class JsonlAppender:
     dies the file holds whole records plus at most one torn line.
 
     The caller holds the output's lock (:func:`cirkit.io.lock.output_lock`): one writer per file.
+
+    ``-`` streams the records to standard output instead (one flushed line each, each id once in
+    the run): there is nothing to resume, and the reader decides where they go.
     """
 
     def __init__(self, path: str | Path, key: str = "id", fsync: bool = False, record: type[Record] | None = None):
@@ -332,6 +335,10 @@ class JsonlAppender:
         self.done: set[str] = set()
         self.duplicates: list[tuple[str, int]] = []  # (id, line) of records repeating an earlier id
         self.written = 0
+        self._fd = -1
+        self.stream = is_stdio(self.path)
+        if self.stream:
+            return
         check_file_output(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +423,12 @@ class JsonlAppender:
         if key in self.done:
             return False
         line = encode_record(obj, self.path, self.key)
+        if self.stream:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()  # a reader downstream sees each record as it finishes
+            self.done.add(key)
+            self.written += 1
+            return True
         try:
             _write_all(self._fd, line)
             if self.fsync:
@@ -459,6 +472,8 @@ def check_output_kind(path: str | Path, record: type[Record]) -> None:
     Appending captions to a gallery file, or results to a training file, would mix two files
     into one, and the ids already there would silently count as done.
     """
+    if is_stdio(path):  # standard output: nothing there to resume
+        return
     for lineno, obj in iter_complete(path):
         try:
             record.from_dict(obj, path, lineno)

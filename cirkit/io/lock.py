@@ -70,7 +70,12 @@ def output_lock(output: str | Path, wait: bool = False, what: str = "output") ->
     A lock held by another live process is an :class:`OutputBusy` error naming it, unless
     ``wait``, in which case this blocks until it is free. The parent folder is created.
     """
+    from cirkit.io.atomic import is_stdio
+
     output = Path(output)
+    if is_stdio(output):  # standard output belongs to this process: nothing to share, nothing to lock
+        yield output
+        return
     path = lock_file_for(output)
     made = _missing_ancestors(path.parent)
     try:

@@ -133,15 +133,29 @@ def _hit(h) -> dict[str, Any]:
 
 def create_app(service: Service, *, token: str | None = None, cors_origins=(), max_upload_bytes: int = 16_000_000):
     """The ASGI app serving ``service`` (wrapped in :class:`Secured`; ``.api`` is the FastAPI app)."""
-    assets = _assets()
     api = FastAPI(
         title="cirkit serve", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
         description="Composed image retrieval over one cirkit index: a reference image (upload or indexed id) "
                     "and/or a modification text in, ranked indexed images out.",
     )
     api.state.service = service
+    _error_handlers(api)
+    _page_routes(api, _assets())
+    _api_routes(api, service, [Depends(_authorizer(token))])
+    app = api
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
 
-    # -- errors ---------------------------------------------------------------------------------
+        app = CORSMiddleware(api, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["Authorization", "Content-Type"], max_age=600)
+    secured = Secured(app, max_upload_bytes)
+    secured.api = api  # type: ignore[attr-defined]
+    secured.service = service  # type: ignore[attr-defined]
+    return secured
+
+
+def _error_handlers(api: FastAPI) -> None:
+    """Every error as ``{"error": one line}`` with its status (see :func:`_error`)."""
     @api.exception_handler(CirkitError)
     async def cirkit_error(request: Request, e: CirkitError):
         status = getattr(e, "status", 400)
@@ -168,7 +182,10 @@ def create_app(service: Service, *, token: str | None = None, cors_origins=(), m
     async def invalid(request: Request, e: RequestValidationError):
         return _error(422, _validation_message(e))
 
-    # -- the token ------------------------------------------------------------------------------
+
+def _authorizer(token: str | None):
+    """The dependency that checks ``Authorization: Bearer TOKEN`` (nothing when no token is set)."""
+
     def authorized(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
         if token is None:
             return
@@ -177,9 +194,11 @@ def create_app(service: Service, *, token: str | None = None, cors_origins=(), m
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise RequestError(401, "missing or wrong token: send the header 'Authorization: Bearer TOKEN'")
 
-    guarded = [Depends(authorized)]
+    return authorized
 
-    # -- the page -------------------------------------------------------------------------------
+
+def _page_routes(api: FastAPI, assets: dict[str, bytes]) -> None:
+    """The search page, the API docs page and their static files."""
     def asset(name: str) -> Response:
         return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
@@ -197,7 +216,9 @@ def create_app(service: Service, *, token: str | None = None, cors_origins=(), m
             raise HTTPException(404)
         return asset(name)
 
-    # -- the API --------------------------------------------------------------------------------
+
+def _api_routes(api: FastAPI, service: Service, guarded: list) -> None:
+    """``/api/*``: health, info, search (GET and POST) and thumbnails."""
     @api.get("/api/health", summary="Liveness: the server answers (no token needed).")
     def health() -> JSONResponse:
         if service.stale:
@@ -253,14 +274,3 @@ def create_app(service: Service, *, token: str | None = None, cors_origins=(), m
     ) -> Response:
         return Response(service.thumbnail(item_id, size), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})
-
-    app = api
-    if cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app = CORSMiddleware(api, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                             allow_headers=["Authorization", "Content-Type"], max_age=600)
-    secured = Secured(app, max_upload_bytes)
-    secured.api = api  # type: ignore[attr-defined]
-    secured.service = service  # type: ignore[attr-defined]
-    return secured

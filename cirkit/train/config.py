@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cirkit import config as _config
 from cirkit.config import MAX_BATCH, MAX_WORKERS, check_settings, setting, strict_setting, wait_setting
+from cirkit.io import datasets as datasets_input
 
 VIT = "ViT backbone"
 MLLM = "MLLM backbone"
@@ -18,6 +19,7 @@ OPTIM = "Optimisation"
 STAGES = ("1", "2", "combiner")
 BACKBONES = ("vit", "mllm", "reformulator")
 SCHEDULERS = ("cosine", "linear", "constant")
+COMBINERS = ("weight", "gate")  # cirkit.backbones.vit.COMBINERS (that module imports torch)
 # Test-only switch read by the loop: compare gradient/weight checksums across processes each step.
 CHECK_SYNC_ENV = "CIRKIT_CHECK_SYNC"
 
@@ -61,15 +63,27 @@ class TrainConfig:
     temperature: float = setting(0.07, gt=0, resume=True, panel=OPTIM, help="InfoNCE temperature at the start.")
     learn_temperature: bool = setting(True, resume=True, flag="--learn-temperature/--fixed-temperature",
                                       panel=OPTIM, help="Learn the InfoNCE temperature.")
+    gather_negatives: bool = setting(
+        True, resume=True, flag="--gather-negatives/--local-negatives", panel=OPTIM,
+        help="Contrast each example with the batches of all processes (gathered with gradient), "
+             "not only its own: the global batch is the contrastive batch.")
     # vit backbone
     cross_attn: bool = setting(True, resume=True, flag="--cross-attn/--no-cross-attn", panel=VIT,
                                help="Cross-attention in the vision blocks; off = late fusion ablation.")
     cross_attn_layers: list[int] | None = setting(
         None, resume=True, panel=VIT, show_default="all",
         help="Blocks that get cross-attention, e.g. 0,2,4 or -1 (repeat or comma-separate).")
-    gate_init: float = setting(
-        0.0, resume=True, panel=VIT,
-        help="Initial cross-attention gate g (the residual is scaled by tanh(g)); 0 starts as plain CLIP.")
+    gate_init: float | None = setting(
+        None, resume=True, panel=VIT, show_default="none: the paper's plain residual branch",
+        help="Gate the cross-attention branch by tanh(g), g starting here (0 starts as plain CLIP, "
+             "but the attention weights then get no gradient until g moves).")
+    new_layer_lr: float | None = setting(
+        None, gt=0, resume=True, panel=VIT, show_default="--lr",
+        help="Learning rate of the layers added to CLIP (cross-attention, predictor, combiner), "
+             "like LLaVA's mm_projector_lr; the paper uses one rate for all.")
+    combiner: str = setting("weight", choices=COMBINERS, resume=True, panel=VIT,
+                            help="Eq. 3 fusion with the text embedding: weight (one learned lambda, the paper's) "
+                                 "or gate (a per-query weight, trained with the temperature).")
     ema: bool = setting(True, resume=True, flag="--ema/--no-ema", panel=VIT,
                         help="EMA target encoder; off = shared online weights.")
     ema_momentum: float = setting(0.995, ge=0, le=1, resume=True, panel=VIT, help="EMA momentum per step.")
@@ -94,6 +108,14 @@ class TrainConfig:
     target_image_loss: bool = setting(False, resume=True, panel=MLLM,
                                       help="Stage 2: also contrast against target images.")
     max_length: int = setting(128, ge=1, resume=True, panel=MLLM, help="Token limit.")
+    # Qwen2-VL-style processors resize each image to min..max pixels (one visual token per 28x28 px
+    # after the 2x2 merge); the hub configs allow 12.8 Mpx (16k tokens). 576 tokens is what
+    # LLaVA-1.5 sees and the Qwen2.5-VL fine-tuning scripts' default (max_pixels=576*28*28).
+    min_pixels: int = setting(16 * 28 * 28, ge=1, resume=True, panel=MLLM,
+                              help="Dynamic-resolution models (Qwen2-VL): smallest image area in pixels.")
+    max_pixels: int = setting(576 * 28 * 28, ge=1, resume=True, panel=MLLM,
+                              help="Dynamic-resolution models (Qwen2-VL): largest image area in pixels "
+                                   "(576 visual tokens); other families ignore it.")
     templates: dict[str, str] | None = setting(
         None, resume=True, cli=False, show_default="the --init checkpoint's, else the built-in ones",
         help="mllm prompt templates by kind (image, text, composed, end); kinds left out keep the default.")
@@ -102,6 +124,13 @@ class TrainConfig:
     allow_pickle: bool = setting(False, help="Allow loading pickle weights you trust.")
     strict: bool = strict_setting()
     wait: bool = wait_setting()
+    # DATA as a Hugging Face dataset (cirkit.io.datasets): which columns and split
+    image_column: str | None = datasets_input.image_column_setting("stage-1 images")
+    id_column: str | None = datasets_input.id_column_setting()
+    text_column: str | None = datasets_input.text_column_setting("caption (stage 1) or instruction (stage 2)",
+                                                                 "caption / instruction, else text or txt")
+    dataset_split: str | None = datasets_input.dataset_split_setting()
+    input_format: str = datasets_input.input_format_setting()
 
     def __post_init__(self) -> None:
         check_settings(self)

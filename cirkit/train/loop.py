@@ -175,6 +175,8 @@ def train(config: TrainConfig, plugin: TrainPlugin, stop_at: int | None = None) 
         run = _Run(config, plugin, out, accelerator, result)
         try:
             with _writer(run):
+                if _already_complete(run):
+                    return result
                 _setup(run)
                 with _graceful_interrupt(run):
                     _fit(run, stop_at)
@@ -316,13 +318,46 @@ def _resume_step(config: TrainConfig, out: Path, processes: int) -> int | None:
         return None
     step, total = progress["step"], progress["max_steps"]
     if step >= total:
-        raise CirkitError(f"{out}: already holds a checkpoint (a finished run of {total} steps); choose another --output")
+        raise _finished_elsewhere(out, total, _resume_diff(config, out, processes) or "other settings")
     diff = _resume_diff(config, out, processes)
     if diff:
         raise CirkitError(f"{out}: holds an interrupted run (step {step} of {total}) with other settings ({diff}); "
                           "run it with its own settings to continue it, or choose another --output")
     log.info("%s: continuing its interrupted run (same settings) at step %d of %d", out, step, total)
     return step
+
+
+def _already_complete(run: _Run) -> bool:
+    """A finished run with these settings in the output: report it and touch nothing (True).
+
+    With other settings it is refused in one line naming the fix: a run only continues with
+    the settings it was started with (its schedule depends on them), so more or different
+    training starts from it with ``--init`` into a new folder.
+    """
+    from cirkit.checkpoint import read_progress
+
+    progress = read_progress(run.out)
+    if progress is None or progress["step"] < progress["max_steps"]:
+        return False
+    diff = _resume_diff(run.config, run.out, run.world)
+    if diff:
+        if run.config.resume:
+            raise CirkitError(f"{run.out}: --resume needs the same settings as the finished run ({diff})")
+        raise _finished_elsewhere(run.out, progress["max_steps"], diff)
+    step = progress["step"]
+    log.info("%s: already complete (the finished run of %d steps with these settings); nothing to do", run.out, step)
+    r = run.result
+    r.counts = {"steps": step, "samples": 0}
+    r.details.update(already_complete=True, max_steps=progress["max_steps"])
+    r.outputs = {"checkpoint": str(run.out)}
+    return True
+
+
+def _finished_elsewhere(out: Path, total: int, diff: str) -> CirkitError:
+    steps = f"{total} step" + ("" if total == 1 else "s")
+    return CirkitError(
+        f"{out}: already holds a finished run of {steps} with other settings ({diff}); to train on from it, "
+        f"pass --init {out} with a new --output (or choose another --output to start over)")
 
 
 def _fit(run: _Run, stop_at: int | None) -> None:
@@ -345,7 +380,7 @@ def _fit(run: _Run, stop_at: int | None) -> None:
                 _log(run, epoch, *_step(run, batches))
                 if run.main:
                     done = (run.step - run.start_step) * run.samples_per_step
-                    progress.update(task, advance=1, loss=f"{run.last['loss']:.4f}",
+                    progress.update(task, advance=1, loss=_shown_loss(run.last),
                                     rate=f"{done / (time.perf_counter() - run.t_start):.1f} samples/s")
                 if c.save_every and run.step % c.save_every == 0 and run.step < run.max_steps:
                     _save(run)
@@ -359,6 +394,14 @@ def _fit(run: _Run, stop_at: int | None) -> None:
             del batches
     if run.step > run.start_step:
         _save(run)  # (resuming a finished run trains nothing and leaves its checkpoint as it is)
+
+
+def _shown_loss(last: dict[str, Any]) -> str:
+    """The progress bar's loss: the last logged one, "-" until a step has been logged (never "nan")."""
+    loss = last.get("loss")
+    if "step" not in last or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return "-"
+    return f"{loss:.4f}"
 
 
 def _loader(run: _Run, epoch: int, start_batch: int):

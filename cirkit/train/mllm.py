@@ -22,6 +22,7 @@ import torch
 from cirkit.backbones.mllm import (
     DEFAULT_TEMPLATES,
     Prompter,
+    cap_image_pixels,
     forward_embed,
     inner_model,
     inputs_to,
@@ -32,7 +33,7 @@ from cirkit.backbones.mllm import (
     unwrap,
     vision_module_names,
 )
-from cirkit.checkpoint import ADAPTER_CONFIG, check_model_folder
+from cirkit.checkpoint import adapter_folder, check_model_folder
 from cirkit.errors import CheckpointError, CirkitError
 from cirkit.train.losses import info_nce, key_ids
 from cirkit.train.plugin import TrainConfig, TrainPlugin, Unreadable, readable
@@ -59,6 +60,37 @@ def lora_target_regex(model: torch.nn.Module, names: Sequence[str] | None) -> st
     return r"^(?:.*\.)?language_model\..*\.(?:" + "|".join(sorted(use)) + r")$"
 
 
+def unused_vision_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of vision-tower parameters whose output the model never reads (``inner_model`` names).
+
+    LLaVA-family models take the tower's hidden states at ``vision_feature_layer`` (LLaVA-1.5:
+    -2, the penultimate layer), so the blocks after it and the tower's pooling head
+    (``post_layernorm``, SigLIP's ``head``) feed nothing. Trained, they would get no gradient:
+    DDP then fails at its first gradient reduction, and AdamW's weight decay alone would move
+    them. Families without the setting (Qwen2-VL reads its whole tower) give none.
+    """
+    inner = inner_model(model)
+    config = getattr(unwrap(model), "config", None)
+    layer = getattr(config, "vision_feature_layer", None)
+    vision = getattr(config, "vision_config", None)
+    n = getattr(vision, "num_hidden_layers", None)
+    if layer is None or n is None:
+        return []
+    # hidden_states[k] is the output of the first k blocks (k = 0: the embeddings), k in -(n+1)..n
+    first_unused = max(k % (n + 1) for k in ([layer] if isinstance(layer, int) else layer))
+    names = []
+    for vname in vision_module_names(model):
+        tower = getattr(inner, vname)
+        blocks = [name for name, m in tower.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.endswith("layers")]
+        heads = [name for name, _ in tower.named_modules() if name.rsplit(".", 1)[-1] in ("post_layernorm", "head")]
+        for pname, _ in tower.named_parameters():
+            unused_block = any(pname.startswith(f"{b}.{i}.") for b in blocks for i in range(first_unused, n))
+            if unused_block or any(pname.startswith(h + ".") for h in heads):
+                names.append(f"{vname}.{pname}")
+    return names
+
+
 def _base_id(model: str) -> str:
     """Local folders are recorded as absolute paths, hub ids as given."""
     p = Path(model).expanduser()
@@ -69,9 +101,10 @@ class MllmTrainModel(torch.nn.Module):
     """The MLLM plus a (learnable) InfoNCE temperature; ``forward(batch)`` returns ``(loss, logs)``."""
 
     def __init__(self, model: torch.nn.Module, temperature: float, learn_temperature: bool,
-                 target_image_loss: bool = False):
+                 target_image_loss: bool = False, gather: bool = True):
         super().__init__()
         self.model = model
+        self.gather = gather
         scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
         if learn_temperature:
             self.logit_scale = torch.nn.Parameter(scale)
@@ -84,10 +117,10 @@ class MllmTrainModel(torch.nn.Module):
         q_kind, q_enc = batch["query"]
         q = forward_embed(self.model, q_kind, inputs_to(q_enc, device))
         c = forward_embed(self.model, "text", inputs_to(batch["caption"], device))
-        loss, logs = info_nce(q, c, self.logit_scale, batch["same"])
+        loss, logs = info_nce(q, c, self.logit_scale, batch["same"], gather=self.gather)
         if self.target_image_loss and batch.get("target") is not None:
             t = forward_embed(self.model, "image", inputs_to(batch["target"], device))
-            loss_t, logs_t = info_nce(q, t, self.logit_scale, batch["same_target"])
+            loss_t, logs_t = info_nce(q, t, self.logit_scale, batch["same_target"], gather=self.gather)
             logs.update(loss_caption=float(loss.detach()), loss_image=float(loss_t.detach()), acc_image=logs_t["acc"])
             loss = (loss + loss_t) / 2
         return loss, logs
@@ -169,7 +202,7 @@ class MllmTrainPlugin(TrainPlugin):
             if cfg is None or cfg.get("backbone") != "mllm":
                 raise CheckpointError(f"--init {c.init}: not a cirkit mllm checkpoint (config.json with backbone 'mllm')")
             model, self.processor, cfg = load_checkpoint_model(
-                c.init, "adapter" if (Path(c.init) / ADAPTER_CONFIG).exists() and not c.full_finetune else "auto",
+                c.init, "adapter" if adapter_folder(c.init) is not None and not c.full_finetune else "auto",
                 c.trust_remote_code, trainable=True, allow_pickle=c.allow_pickle,
             )
             self.base_model = cfg["base_model"]
@@ -180,6 +213,7 @@ class MllmTrainPlugin(TrainPlugin):
             if Path(self.base_model).is_dir():
                 check_model_folder(Path(self.base_model), c.allow_pickle)
             model, self.processor = load_base(self.base_model, c.trust_remote_code)
+        self._cap_pixels()
         is_peft = hasattr(model, "peft_config")
         if c.full_finetune:
             if is_peft:
@@ -205,6 +239,19 @@ class MllmTrainPlugin(TrainPlugin):
                     p.requires_grad = False
                 elif c.full_finetune or "modules_to_save" in pname:
                     p.requires_grad = True
+        # Don't train what the embedding never reads (DDP could not reduce its gradients).
+        if not c.freeze_vision:
+            unused = set(unused_vision_parameters(model))
+            for pname, p in inner.named_parameters():
+                if pname in unused:
+                    p.requires_grad = False
+            if unused:
+                log.info("mllm: %d vision parameters feed nothing (after vision_feature_layer %s) and stay frozen",
+                         len(unused), getattr(unwrap(model).config, "vision_feature_layer", None))
+        if c.full_finetune:  # the embedding is a hidden state: an untied LM head is never used
+            head, embed = unwrap(model).get_output_embeddings(), unwrap(model).get_input_embeddings()
+            if head is not None and embed is not None and head.weight is not embed.weight:
+                head.requires_grad_(False)
         if c.gradient_checkpointing:
             hf, kwargs = unwrap(model), {"use_reentrant": False}
             if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -215,18 +262,21 @@ class MllmTrainPlugin(TrainPlugin):
         n_all = sum(p.numel() for p in model.parameters())
         log.info("mllm: %s trainable of %s parameters (%s)", f"{n_train:,}", f"{n_all:,}",
                  "full fine-tune" if c.full_finetune else "LoRA")
-        return MllmTrainModel(model, c.temperature, c.learn_temperature, c.target_image_loss and self.stage == "2")
+        return MllmTrainModel(model, c.temperature, c.learn_temperature, c.target_image_loss and self.stage == "2",
+                              gather=c.gather_negatives)
 
     # -- data ----------------------------------------------------------------------------
     def dataset(self):
+        from cirkit.io.datasets import as_image
+
         c = self.config
         rows: list[tuple] = []
         if self.stage == "1":
             data, records = self.training_records("image")
-            rows = [(Path(r.image), r.caption) for r in records if r.caption.strip()]
+            rows = [(as_image(r.image), r.caption) for r in records if r.caption.strip()]
         else:
             data, records = self.training_records("reference", *(["target"] if c.target_image_loss else []))
-            rows = [(Path(r.reference), r.instruction, r.target_caption, Path(r.target) if c.target_image_loss else None)
+            rows = [(as_image(r.reference), r.instruction, r.target_caption, as_image(r.target) if c.target_image_loss else None)
                     for r in records if (r.target_caption or "").strip()]
             if not rows:
                 raise CirkitError(f"{data}: no triplet has a target_caption; stage 2 contrasts queries with target captions")
@@ -237,8 +287,15 @@ class MllmTrainPlugin(TrainPlugin):
 
             base_id = self.base_model or _base_id(c.model)
             self.processor = AutoProcessor.from_pretrained(base_id, trust_remote_code=c.trust_remote_code)
+            self._cap_pixels()
         prompter = Prompter(self.processor, self.templates, c.max_length)
         return _PairDataset(rows), MllmCollate(prompter, self.stage, c.target_image_loss and self.stage == "2")
+
+    def _cap_pixels(self) -> None:
+        """Bound dynamic-resolution images (Qwen2-VL) to ``min_pixels..max_pixels``."""
+        if self.processor is not None and cap_image_pixels(self.processor, self.config.min_pixels,
+                                                           self.config.max_pixels):
+            log.info("mllm: images resized to %s..%s pixels", f"{self.config.min_pixels:,}", f"{self.config.max_pixels:,}")
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return model(batch)
@@ -255,4 +312,6 @@ class MllmTrainPlugin(TrainPlugin):
             lora={"r": c.lora_r, "alpha": c.lora_alpha, "target_modules": c.lora_target_modules
                   or list(DEFAULT_LORA_TARGETS), "vision_trained": not c.freeze_vision},
             temperature=float(1.0 / scale.detach().exp()) if scale is not None else None,
+            processor=self.processor,
+            pixels=(c.min_pixels, c.max_pixels),
         )

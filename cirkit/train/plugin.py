@@ -44,6 +44,7 @@ class TrainPlugin(abc.ABC):
         """
         from cirkit.errors import RecordError
         from cirkit.io import read_jsonl
+        from cirkit.io.datasets import DatasetOptions, is_dataset, records
         from cirkit.records import Caption, Triplet, resolve_path
 
         c = self.config
@@ -52,6 +53,10 @@ class TrainPlugin(abc.ABC):
             raise CirkitError(f"no training data: pass DATA (a {need}) or set 'data' in the recipe")
         path = Path(c.data)
         cls = Caption if c.stage == "1" else Triplet
+        options = DatasetOptions.of(c)
+        if is_dataset(c.data, options):  # a dataset of captions or triplets (images as bytes or paths)
+            text = ("caption", ("text", "txt")) if c.stage == "1" else ("instruction", ("text", "txt"))
+            return path, records(c.data, options, cls, image_fields, text[0], text[1])
         records = []
         for lineno, obj in read_jsonl(path):
             rec = cls.from_dict(obj, path, lineno)

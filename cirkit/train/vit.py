@@ -1,16 +1,23 @@
 """Training the vit backbone: stage 1 (image-caption CLIP), stage 2 (triplets, EMA target), combiner.
 
 * stage 1: symmetric CLIP InfoNCE between images and captions; only the CLIP towers and
-  the temperature train (cross-attention and predictor stay at their identity init, so
-  the gallery side of a stage-1 checkpoint is exactly its CLIP image embedding).
+  the temperature train. It stands in for the pretrained CLIP the paper starts from, so it
+  builds no cross-attention (the predictor stays at its identity init): a stage-1
+  checkpoint is a plain CLIP, its gallery side exactly its CLIP image embedding.
 * stage 2 (eq. 2): InfoNCE from the reformulated query (reference + instruction) to the
-  target image embedded with the null text. The target encoder is an EMA copy of the
-  query encoder (``ema_momentum``), updated after every optimiser step and without
+  target image embedded with the null text. Cross-attention is injected here, Xavier
+  initialised, into a model that has none (§IV-A). The target encoder is an EMA copy of
+  the query encoder (``ema_momentum``), updated after every optimiser step and without
   gradients. ``--no-ema`` ablation: the target goes through the *same* online weights in
   the same forward pass, with gradients flowing through both sides (a shared-weight
   siamese encoder); the gallery is then embedded with those same weights.
-* combiner (eq. 3): everything frozen except the combiner's gate; InfoNCE from the fused
-  query to the (frozen) target embeddings. Needs ``--init`` from a stage-2 checkpoint.
+* combiner (eq. 3): everything frozen except the combiner; InfoNCE from the fused query to
+  the (frozen) target embeddings at the backbone's temperature (§II-C: "this combiner
+  weight is fine-tuned using the same [loss] by fixing backbone weights"); ``combiner:
+  gate`` also learns the temperature. Needs ``--init`` from a stage-2 checkpoint.
+
+With several processes the contrastive batch is the global one (``gather_negatives``,
+:mod:`cirkit.train.losses`): the paper's batch of 32 on 8 GPUs is 4 per GPU, 32 negatives.
 
 Images get the model's deterministic eval transform (no crops/flips/colour jitter): in
 CIR the instruction talks about positions and colours, which augmentations would falsify.
@@ -94,9 +101,8 @@ class VitTrainPlugin(TrainPlugin):
         if c.init:
             model, ema, self.preprocess, self.tokenizer, self.init_config = vit.load_model(c.init, c.allow_pickle)
             _check_init_compatible(c, model.settings, c.init, len(model.clip.visual.transformer.resblocks))
-            if not c.cross_attn and model.xattn:
-                model.xattn = torch.nn.ModuleDict()  # --no-cross-attn on top of a stage-1 model
-                model.settings["cross_attn"], model.settings["cross_attn_layers"] = False, []
+            if self.stage == "2":
+                self._stage2_layers(model, c.init)
             if ema is not None and self.stage == "combiner":
                 self.init_ema, self.init_has_ema = ema, True
         else:
@@ -104,11 +110,34 @@ class VitTrainPlugin(TrainPlugin):
                 raise CirkitError("--stage combiner fine-tunes a stage-2 model: pass --init <stage-2 checkpoint folder>")
             settings = vit.settings_from_config(c)
             settings["pretrained"] = c.pretrained
+            if self.stage == "1":  # a plain CLIP: stage 2 injects the cross-attention
+                settings["cross_attn"] = False
             model, self.preprocess, self.tokenizer = vit.build_model(settings, c.pretrained, allow_pickle=c.allow_pickle)
+        if model.settings.get("combiner") != c.combiner:
+            if self.stage == "combiner" and model.settings.get("combiner_trained"):
+                log.warning("%s holds a trained '%s' combiner; --combiner %s starts a fresh one",
+                            c.init, model.settings.get("combiner"), c.combiner)
+            model.set_combiner(c.combiner)
+            if self.init_ema is not None:  # the target encoder never uses it, but must load the same keys
+                self.init_ema.set_combiner(c.combiner)
         if self.stage == "combiner" and not self.init_config.get("stage") == "2":
             log.warning("--stage combiner on a checkpoint not trained with --stage 2 (%s)", self.init_config.get("stage"))
         self._set_trainable(model)
         return model
+
+    def _stage2_layers(self, model, where: str) -> None:
+        """Stage 2 from a checkpoint: add cross-attention to a model without (a stage-1 CLIP), or drop it."""
+        c = self.config
+        if not c.cross_attn and model.xattn:
+            model.xattn = torch.nn.ModuleDict()  # --no-cross-attn on top of a model that has it
+            model.settings["cross_attn"], model.settings["cross_attn_layers"] = False, []
+        elif c.cross_attn and not model.xattn:
+            layers = model.add_cross_attention(c.cross_attn_layers, c.gate_init)
+            log.info("%s: injecting cross-attention into blocks %s (Xavier init%s)", where, layers,
+                     "" if c.gate_init is None else f", tanh gate from {c.gate_init}")
+        elif c.cross_attn and model.settings.get("gate_init") != c.gate_init:
+            log.warning("%s: keeping its cross-attention (gate_init %s); --gate-init %s applies to new layers only",
+                        where, model.settings.get("gate_init"), c.gate_init)
 
     def _set_trainable(self, model) -> None:
         model.requires_grad_(False)
@@ -122,21 +151,38 @@ class VitTrainPlugin(TrainPlugin):
                 _freeze_text_tower(model.clip)
         else:
             model.combiner.requires_grad_(True)
-            model.logit_scale.requires_grad_(True)
+            # eq. 3 fine-tunes λ alone; the per-query gate (a departure) also learns the temperature
+            model.logit_scale.requires_grad_(self.config.combiner == "gate")
         model.logit_scale.requires_grad_(bool(self.config.learn_temperature) and model.logit_scale.requires_grad)
         for name in ("logit_scale", "logit_bias"):  # open_clip's own: unused
             p = getattr(model.clip, name, None)
             if isinstance(p, torch.nn.Parameter):
                 p.requires_grad_(False)
 
+    def parameters(self, model) -> list[dict[str, Any]]:
+        """AdamW groups; with ``new_layer_lr`` the layers added to CLIP get their own rate."""
+        groups = super().parameters(model)
+        lr = self.config.new_layer_lr
+        if lr is None:
+            return groups
+        new = {id(p) for m in (model.xattn, model.predictor, model.combiner) for p in m.parameters()}
+        out = []
+        for g in groups:
+            old = [p for p in g["params"] if id(p) not in new]
+            added = [p for p in g["params"] if id(p) in new]
+            out += [{**g, "params": old}, {**g, "params": added, "lr": float(lr)}]
+        return out
+
     # -- data -----------------------------------------------------------------------------
     def dataset(self):
+        from cirkit.io.datasets import as_image
+
         if self.stage == "1":
             path, records = self.training_records("image")
-            rows = [([Path(r.image)], r.caption) for r in records]
+            rows = [([as_image(r.image)], r.caption) for r in records]
         else:
             path, records = self.training_records("reference", "target")
-            rows = [([Path(r.reference), Path(r.target)], r.instruction) for r in records]
+            rows = [([as_image(r.reference), as_image(r.target)], r.instruction) for r in records]
         if len(rows) < 2:
             raise CirkitError(f"{path}: in-batch contrastive training needs at least 2 examples, found {len(rows)}")
         return _Examples(rows, self.preprocess), _Collate(self.tokenizer)
@@ -158,14 +204,15 @@ class VitTrainPlugin(TrainPlugin):
         raw = getattr(model, "module", model)
         if self.stage == "1":
             img, txt = model("clip", batch["images"], batch["tokens"])
-            return info_nce(img, txt, raw.logit_scale, symmetric=True)
+            return info_nce(img, txt, raw.logit_scale, symmetric=True, gather=self.config.gather_negatives)
         if self.stage == "2" and not self.use_ema:
             q, t = model("pair", batch["images"], batch["tokens"], batch["targets"])
         else:
             q = model("query" if self.stage == "2" else "compose", batch["images"], batch["tokens"])
             with torch.no_grad():
                 t = self.target("target", batch["targets"])
-        return info_nce(q, t, raw.logit_scale, symmetric=False)  # eq. 2 / eq. 3: query -> target
+        # eq. 2 / eq. 3: query -> target
+        return info_nce(q, t, raw.logit_scale, symmetric=False, gather=self.config.gather_negatives)
 
     def after_step(self, model, step: int) -> None:
         if not self.use_ema or self.target is None:
@@ -224,11 +271,10 @@ def _freeze_text_tower(clip) -> None:
 def _check_init_compatible(config: TrainConfig, settings: dict[str, Any], where: str, n_blocks: int) -> None:
     from cirkit.backbones.vit import block_indexes
 
-    if config.cross_attn and not settings.get("cross_attn", True) and str(config.stage) == "2":
-        log.warning("%s has no cross-attention layers; training without them", where)
     saved = settings.get("cross_attn_layers")
-    # Compare as the model stores them: -1 and the last block's index name the same block.
-    if config.cross_attn_layers is not None and saved is not None and (
+    # Compare as the model stores them: -1 and the last block's index name the same block. A model
+    # without cross-attention (a stage-1 CLIP) gets the layers asked for.
+    if config.cross_attn_layers is not None and saved and (
         block_indexes(saved, n_blocks) != block_indexes(config.cross_attn_layers, n_blocks)
     ):
         raise CirkitError(

@@ -99,3 +99,74 @@ def test_encode_pipeline_runs_the_backbone_through_dataloader_workers(tiny_llava
     assert q.ids == ["q1", "q2"] and q.vectors.shape == (2, 32)
 
 
+
+
+# -- dynamic-resolution images (Qwen2-VL) are bounded (issue 15.7) ------------------------------
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    from cirkit.testing import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen") / "tiny-qwen2-vl")
+
+
+def _visual_tokens(bb, image) -> int:
+    enc = bb.prompter.images([image])
+    return int((enc["input_ids"] == bb.prompter.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+
+
+@pytest.mark.slow
+def test_qwen2_vl_images_are_capped_at_max_pixels(tiny_qwen, tmp_path):
+    """A 4000x3000 photo is 1,230 visual tokens at the processor's own bound (16k at the hub configs');
+    cirkit's default caps it at max_pixels = 576 x 28 x 28, i.e. 576 tokens, and training records the cap."""
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2VLConfig
+
+    from cirkit.backbones.mllm import default_pixels
+
+    assert Qwen2VLConfig().vision_config.spatial_merge_size == 2  # the real layout: one token per 28x28 px
+    photo = Image.new("RGB", (4000, 3000), (120, 30, 200))
+    raw = load_mllm_backbone(BackboneSpec(model=str(tiny_qwen)))
+    assert default_pixels() == (16 * 28 * 28, 576 * 28 * 28)
+    assert 0 < _visual_tokens(raw, photo) <= 576
+    assert _visual_tokens(raw, Image.new("RGB", (8, 8))) >= 16  # min_pixels: tiny images are upsized
+    uncapped = AutoProcessor.from_pretrained(tiny_qwen)
+    assert _visual_tokens(MllmBackbone(BackboneSpec(model=str(tiny_qwen)), raw.model, uncapped), photo) == 1230
+    v = raw.embed_images([photo])
+    assert v.shape == (1, 32) and torch.isfinite(v).all()
+
+
+def test_fixed_size_processors_are_not_touched(tiny_llava):
+    from transformers import AutoProcessor
+
+    from cirkit.backbones.mllm import cap_image_pixels
+
+    p = AutoProcessor.from_pretrained(tiny_llava)
+    before = dict(p.image_processor.size) if isinstance(p.image_processor.size, dict) else vars(p.image_processor.size)
+    assert cap_image_pixels(p, 100, 1000) is False
+    after = dict(p.image_processor.size) if isinstance(p.image_processor.size, dict) else vars(p.image_processor.size)
+    assert after == before
+
+
+@pytest.mark.slow
+def test_a_qwen2_vl_checkpoint_records_and_reapplies_its_pixel_bounds(tiny_qwen, mllm_data, tmp_path):
+    import json
+
+    from cirkit.train.mllm import MllmTrainPlugin
+    from cirkit.train.plugin import TrainConfig
+
+    cfg = TrainConfig(backbone="mllm", stage="1", data=mllm_data / "captions.jsonl", model=str(tiny_qwen),
+                      output=tmp_path / "q", lora_r=2, lora_alpha=4, lora_dropout=0.0, max_pixels=64 * 28 * 28,
+                      max_length=16)
+    plugin = MllmTrainPlugin(cfg)
+    model = plugin.build()
+    ds, collate = plugin.dataset()
+    batch = collate([ds[i] for i in range(2)])
+    _, enc = batch["query"]
+    assert int((enc["input_ids"] == plugin.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) <= 2 * 64
+    plugin.save(model, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert (saved["min_pixels"], saved["max_pixels"]) == (16 * 28 * 28, 64 * 28 * 28)
+    bb = load_backbone(BackboneSpec(model=str(tmp_path / "q")))
+    from PIL import Image
+
+    assert _visual_tokens(bb, Image.new("RGB", (4000, 3000))) <= 64

@@ -19,12 +19,40 @@ def tiny():
     return model.eval(), preprocess, tokenizer
 
 
+@pytest.fixture(scope="module")
+def tiny_gated():
+    """The tanh-gated option (gate_init 0): starts as the CLIP it was built from."""
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = build_model({**SETTINGS, "gate_init": 0.0})
+    return model.eval(), preprocess, tokenizer
+
+
 def _images(n=3, seed=0):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def test_a_fresh_model_is_plain_clip(tiny):
+def test_the_paper_form_cross_attends_from_the_start_and_without_it_the_model_is_plain_clip(tiny):
+    """§II-B/§IV-A: a plain Xavier-initialised residual branch, no gate: text changes the query at init."""
     model, _, tok = tiny
+    assert all(xa.gate is None for xa in model.xattn.values()) and model.settings["gate_init"] is None
+    x = _images()
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(model.clip.encode_image(x), dim=-1)
+        red = model.query(x, tok(["make it red"] * 3))
+        blue = model.query(x, tok(["make it blue"] * 3))
+    assert not torch.allclose(red, blue, atol=1e-4)
+    bare, _, _ = build_model({**SETTINGS, "cross_attn": False})  # a stage-1 model: a plain CLIP
+    bare.eval()
+    with torch.no_grad():
+        bare_plain = torch.nn.functional.normalize(bare.clip.encode_image(x), dim=-1)
+        assert torch.allclose(torch.nn.functional.normalize(bare.target(x), dim=-1), bare_plain, atol=1e-5)
+        assert torch.allclose(torch.nn.functional.normalize(bare.query(x, tok(["a", "b", ""])), dim=-1), bare_plain,
+                              atol=1e-5)
+    assert plain.shape == bare_plain.shape
+
+
+def test_a_fresh_model_is_plain_clip(tiny_gated):
+    model, _, tok = tiny_gated
     x = _images()
     with torch.no_grad():
         plain = torch.nn.functional.normalize(model.clip.encode_image(x), dim=-1)
@@ -48,8 +76,8 @@ def test_every_block_gets_cross_attention_by_default_and_layers_are_configurable
 
 
 @pytest.mark.slow
-def test_text_changes_the_query_once_gates_open_and_padding_is_masked(tiny):
-    model, _, tok = tiny
+def test_text_changes_the_query_once_gates_open_and_padding_is_masked(tiny_gated):
+    model, _, tok = tiny_gated
     m = __import__("copy").deepcopy(model)
     with torch.no_grad():
         for xa in m.xattn.values():

@@ -221,3 +221,27 @@ def test_genecis_target_copy_in_gallery(fixtures, facts, tmp_path, solid, load_j
     assert expect["image/val/change_object/R@1"] > 0  # that record is found despite its gallery copy
     for key, value in expect.items():
         assert m[key] == pytest.approx(value, abs=1e-3), key
+
+
+@pytest.mark.slow
+def test_cirr_test1_files_do_not_change_with_the_batch_size(fixtures, facts, tmp_path, solid, load_json):
+    """A blank caption (" ") is image-only per query (issue 15.7): alone or batched, the same files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cirkit.backbones._openclip import create_clip
+
+    paths = json.loads((fixtures / "cirr" / "image_splits" / "split.rc2.test1.json").read_text())
+    for rel, rgb in zip(paths.values(), hues(len(paths)), strict=True):
+        solid(tmp_path / rel, rgb)
+    torch.manual_seed(0)
+    clip, _, _ = create_clip("cirkit-tiny", None)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    assert any(not r["caption"].strip() for r in load_json("cirr/captions/cap.rc2.test1.json"))
+    files = {}
+    for bs in (1, 4, 64):
+        evaluate("cirr", fixtures / "cirr", tmp_path, split=["test1"], submission=tmp_path / f"sub{bs}",
+                 backbone="clip", model="cirkit-tiny", pretrained=str(weights), batch_size=bs)
+        files[bs] = {p.name: p.read_text() for p in sorted((tmp_path / f"sub{bs}").glob("*.json"))}
+    assert files[1] and files[1] == files[4] == files[64]

@@ -148,3 +148,41 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.exit_code == 1 and "no such folder" in r.output
     r = CliRunner().invoke(app, ["evaluate", "-d", str(tmp_path), "-b", "fake"])
     assert r.exit_code == 1 and "cannot tell which benchmark" in r.output
+
+
+def test_every_metric_gets_a_seeded_95_percent_bootstrap_interval(synth_dir, tmp_path):
+    """--bootstrap N (on by default): '<key>/ci95' = [lo, hi] beside every split and task metric."""
+    out = tmp_path / "metrics.json"
+    r = CliRunner().invoke(app, ["evaluate", "synth", "--data", str(synth_dir / "benchmark"), "-b", "fake",
+                                 "--num-workers", "0", "--bootstrap", "200", "--bootstrap-seed", "3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    values = [k for k, v in m.items() if k.startswith("composed/") and isinstance(v, float)]
+    assert values and m["bootstrap/samples"] == 200 and m["bootstrap/seed"] == 3
+    for k in values:
+        lo, hi = m[f"{k}/ci95"]
+        assert 0.0 <= lo <= m[k] <= hi <= 100.0, k
+    assert " [" in r.stderr and "95 % bootstrap interval" in r.stderr  # the table shows them
+    again = _run(synth_dir / "benchmark", bootstrap=200, bootstrap_seed=3).metrics
+    assert {k: again[k] for k in m if k.endswith("/ci95")} == {k: m[k] for k in m if k.endswith("/ci95")}
+    off = _run(synth_dir / "benchmark", bootstrap=0).metrics
+    assert not [k for k in off if k.endswith("/ci95") or k.startswith("bootstrap/")]
+    assert {k: off[k] for k in values} == {k: m[k] for k in values}  # the estimates do not change
+
+
+def test_task_intervals_and_a_summary_of_several_metrics(benchmark_fixtures, tmp_path):
+    """FashionIQ: per-category intervals and one for the average of R@10 and R@50 over categories."""
+    import colorsys
+
+    root = benchmark_fixtures[1] / "fashioniq"
+    names = set()
+    for cat in ("dress", "shirt", "toptee"):
+        names.update(json.loads((root / "image_splits" / f"split.{cat}.val.json").read_text()))
+    for i, n in enumerate(sorted(names)):
+        rgb = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / len(names), 1.0, 1.0))
+        _png(tmp_path / "images" / f"{n}.png", rgb)
+    m = run(EvaluateConfig(benchmark="fashioniq", data=root, images=tmp_path, backbone="fake", num_workers=0,
+                           mode=["image"], bootstrap=300)).metrics
+    for key in ("image/val/avg", "image/val/R@10", "image/val/dress/R@10", "image/val/toptee/R@50"):
+        lo, hi = m[f"{key}/ci95"]
+        assert lo <= m[key] <= hi, key

@@ -143,10 +143,19 @@ def test_output_folder_of_user_files_is_refused_before_training(data, tmp_path):
 
 
 def test_a_finished_run_is_not_overwritten_and_its_settings_are_compared(data, tmp_path):
+    # Issue 14: the same command again reports the finished run (exit 0) and rewrites nothing;
+    # other settings are refused, naming --init (before: both refused with "already holds a checkpoint").
     out = tmp_path / "run"
     ok(_args(data, out, 2))
-    line = _refused(_args(data, out, 2), tmp_path)
-    assert line == f"error: {out}: already holds a checkpoint (a finished run of 2 steps); choose another --output"
+    before = _snapshot(out)
+    again = ok(_args(data, out, 2))
+    assert again["details"]["already_complete"] is True and again["counts"]["steps"] == 2
+    assert _snapshot(out) == before
+    line = _refused(_args(data, out, 3), tmp_path)
+    assert line == (f"error: {out}: already holds a finished run of 2 steps with other settings (max_steps: 2 -> 3); "
+                    f"to train on from it, pass --init {out} with a new --output (or choose another --output to "
+                    "start over)")
+    assert _snapshot(out) == before
 
 
 def test_files_added_to_a_checkpoint_folder_survive_its_next_save(data, tmp_path):
@@ -437,11 +446,12 @@ def test_ctrl_c_in_process_finishes_the_step_saves_and_resumes_exactly(data, tmp
 
     run(cfg(tmp_path / "ref"))
     c = cfg(tmp_path / "run")
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when the suite runs as a background job
     with pytest.raises(Interrupted) as e:
         train(c, _interrupt_at(2)(c))
     assert isinstance(e.value, CirkitError) and e.value.exit_code == 130
     assert str(e.value) == f"interrupted: saved {tmp_path / 'run'} at step 2 of 5; run the same command again to resume"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     run(c)
     _same_run(tmp_path / "run", tmp_path / "ref")
 

@@ -20,6 +20,6 @@ def test_cli_recipe_then_flags(synth_dir, tmp_path):
     args = json.loads((out / "train_args.json").read_text())
     assert args["batch_size"] == 4 and args["cross_attn_layers"] == [1] and args["stage"] == "1"
     res = CliRunner().invoke(app, ["train", str(synth_dir / "captions.jsonl"), "--stage", "1", "-o", str(out)])
-    assert res.exit_code == 1 and "already holds a checkpoint" in res.output
+    assert res.exit_code == 1 and "already holds a finished run of 2 steps with other settings" in res.output
     res = CliRunner().invoke(app, ["train", "--stage", "9", "-o", str(tmp_path / "x")])
     assert res.exit_code == 1 and "unknown --stage" in res.output

@@ -38,8 +38,9 @@ def test_three_stages_write_complete_checkpoints(synth_dir, tmp_path):
     s1 = run(tiny_config(synth_dir, tmp_path / "s1", stage=1))
     assert s1.counts["steps"] == 4 and s1.metrics["samples_per_s"] > 0
     s2 = run(tiny_config(synth_dir, tmp_path / "s2", stage=2, init=str(tmp_path / "s1")))
-    comb = run(tiny_config(synth_dir, tmp_path / "c", stage="combiner", init=str(tmp_path / "s2")))
-    for name in ("s1", "s2", "c"):
+    comb = run(tiny_config(synth_dir, tmp_path / "c", stage="combiner", init=str(tmp_path / "s2"), combiner="gate"))
+    eq3 = run(tiny_config(synth_dir, tmp_path / "eq3", stage="combiner", init=str(tmp_path / "s2")))
+    for name in ("s1", "s2", "c", "eq3"):
         folder = tmp_path / name
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "train_args.json", "metrics.jsonl", "trainer_state"} <= names
@@ -50,10 +51,14 @@ def test_three_stages_write_complete_checkpoints(synth_dir, tmp_path):
     assert cfg["combiner_trained"] and cfg["stage"] == "combiner" and cfg["has_ema"]
     keys = load_file(str(tmp_path / "s2" / "model.safetensors")).keys()
     assert any(k.startswith("ema.") for k in keys) and any(k.startswith("xattn.") for k in keys)
-    # the combiner stage trains the combiner only
+    # the combiner stage trains the combiner only: the per-query gate with the temperature (an option),
+    # or by default eq. 3's one weight with everything else, the temperature included, frozen (§II-C)
     trained = load_file(str(tmp_path / "c" / "trainer_state" / "model.safetensors"))
     assert sorted(trained) == ["combiner.gate.bias", "combiner.gate.weight", "logit_scale"]
     assert s2.details["trainable_parameters"] > comb.details["trainable_parameters"]
+    assert sorted(load_file(str(tmp_path / "eq3" / "trainer_state" / "model.safetensors"))) == ["combiner.logit"]
+    assert eq3.details["trainable_parameters"] == 1
+    assert not any(k.startswith("xattn.") for k in load_file(str(tmp_path / "s1" / "model.safetensors")))
 
 
 @pytest.mark.slow
@@ -81,8 +86,11 @@ def test_resume_continues_to_the_same_result(synth_dir, tmp_path):
 
 def test_refuses_to_overwrite_and_to_resume_nothing(synth_dir, tmp_path):
     run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
-    with pytest.raises(CirkitError, match="already holds a checkpoint"):
-        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))
+    weights = (tmp_path / "s1" / "model.safetensors").read_bytes()
+    again = run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=1))  # finished: reported, not redone
+    assert again.details["already_complete"] and (tmp_path / "s1" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(CirkitError, match="already holds a finished run of 1 step with other settings"):
+        run(tiny_config(synth_dir, tmp_path / "s1", stage=1, max_steps=3))
     with pytest.raises(CirkitError, match="nothing to resume"):
         run(tiny_config(synth_dir, tmp_path / "new", stage=1, resume=True))
     with pytest.raises(CirkitError, match="--resume needs the same settings"):

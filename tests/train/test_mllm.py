@@ -86,7 +86,10 @@ def test_stage1_then_stage2_adapters_save_reload_and_merge_identically(tiny_llav
     plugin2 = MllmTrainPlugin(_cfg(tiny_llava, mllm_data, s2, stage="2", init=str(s1), merge=True, target_image_loss=True))
     model2, _ = _train(plugin2)
     plugin2.save(model2, s2)
-    cfg = json.loads((s2 / "config.json").read_text())
+    # issue 14: a merged folder is a transformers model folder, so cirkit's config is cirkit.json
+    # (was config.json); config.json is the model's own (tests/train/test_model_folders.py loads it)
+    cfg = json.loads((s2 / "cirkit.json").read_text())
+    assert json.loads((s2 / "config.json").read_text())["model_type"] == "llava"
     assert cfg["backbone"] == "mllm" and cfg["base_model"] == str(tiny_llava.resolve())
     assert cfg["templates"] == DEFAULT_TEMPLATES and cfg["merged"] is True
     assert (s2 / "model.safetensors").exists()
@@ -172,7 +175,88 @@ def test_the_generic_training_loop_runs_the_plugin_unchanged(tiny_llava, mllm_da
                          merge=True, **common))
     assert r2.counts["steps"] == 2
     files = {p.name for p in (tmp_path / "s2").iterdir()}
-    assert {"config.json", "train_args.json", "adapter_config.json", "adapter_model.safetensors",
-            "model.safetensors", "metrics.jsonl", "trainer_state"} <= files
+    # issue 14: a merged folder is a transformers model folder (config.json the model's, cirkit's in
+    # cirkit.json) and keeps its adapter in adapter/ (was: adapter files beside model.safetensors)
+    assert {"config.json", "cirkit.json", "train_args.json", "model.safetensors", "metrics.jsonl",
+            "trainer_state"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "s2" / "adapter").iterdir()}
     bb = load_backbone(BackboneSpec(model=str(tmp_path / "s2")))
     assert isinstance(bb, MllmBackbone) and bb.embed_texts(["a red circle"]).shape == (1, 32)
+
+
+def test_train_vision_leaves_what_llava_15_never_reads_frozen(tmp_path, mllm_data):
+    """vision_feature_layer -2 (LLaVA-1.5): the tower's last block and post-layernorm get no gradient,
+    so --train-vision does not train them (DDP could not reduce them; see test_distributed.py)."""
+    from cirkit.testing import build_tiny_llava
+    from cirkit.train.mllm import unused_vision_parameters
+
+    model_dir = build_tiny_llava(tmp_path / "llava15", vision_feature_layer=-2, layers=3)
+    for full in (False, True):
+        plugin = MllmTrainPlugin(_cfg(model_dir, mllm_data, tmp_path / "o", freeze_vision=False, full_finetune=full))
+        model = plugin.build()
+        unused = unused_vision_parameters(model.model)
+        assert unused and all(".layers.2." in n or "post_layernorm" in n for n in unused)
+        assert any(".layers.2." in n for n in unused) and not any(".layers.1." in n for n in unused)
+        ds, collate = plugin.dataset()
+        batch = collate([ds[i] for i in range(len(ds))])
+        batch.pop("skipped"), batch.pop("examples")
+        loss, _ = plugin.loss(model, batch)
+        loss.backward()
+        # every trained parameter takes part in the loss: nothing DDP would wait for in vain
+        idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert idle == []
+        assert any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """Tiny models with the layouts the mllm recipes name: LLaVA-1.5 (vision_feature_layer -2) and Qwen2-VL."""
+    from cirkit.testing import build_tiny_llava, build_tiny_qwen2_vl
+
+    d = tmp_path_factory.mktemp("families")
+    return {"llava": build_tiny_llava(d / "llava15", vision_feature_layer=-2, layers=3),
+            "qwen2-vl": build_tiny_qwen2_vl(d / "qwen2vl")}
+
+
+MLLM_RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("mllm-*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", MLLM_RECIPES)
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_every_mllm_recipe_trains_a_step_on_its_family_at_test_size(family_models, mllm_data, tmp_path, recipe,
+                                                                     train_vision):
+    """The recipe's settings as `cirkit train -c` resolves them, on a tiny model of the family its hub id
+    names; with --train-vision too: every trained parameter takes part in the loss (what DDP needs)."""
+    from cirkit.config import resolve
+
+    family = "qwen2-vl" if "qwen" in recipe else "llava"
+    stage = "2" if yaml_stage(recipe) == "2" else "1"
+    cfg = resolve(TrainConfig, ROOT / "recipes" / recipe,
+                  {"model": str(family_models[family]), "output": tmp_path / "o", "num_workers": 0, "batch_size": 4,
+                   "data": mllm_data / ("triplets.jsonl" if stage == "2" else "captions.jsonl"), "max_length": 32,
+                   "freeze_vision": not train_vision, "init": None}, section="train")
+    plugin = MllmTrainPlugin(cfg)
+    torch.manual_seed(0)
+    model = plugin.build()
+    ds, collate = plugin.dataset()
+    batch = collate([ds[i] for i in range(4)])
+    batch.pop("skipped"), batch.pop("examples")
+    model.train()
+    loss, logs = plugin.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and {"acc", "temperature"} <= set(logs)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    from cirkit.backbones.mllm import vision_module_names
+
+    vision = [f".{v}." for v in vision_module_names(model.model)]  # LLaVA: vision_tower, projector; Qwen2-VL: visual
+    assert any(v in n for n, p in model.named_parameters() if p.requires_grad for v in vision) == train_vision
+    if family == "qwen2-vl":  # the recipe's image bound reached the processor
+        size = plugin.processor.image_processor.size
+        assert (size["shortest_edge"], size["longest_edge"]) == (cfg.min_pixels, cfg.max_pixels) == (12544, 451584)
+
+
+def yaml_stage(recipe: str) -> str:
+    import yaml
+
+    return str(yaml.safe_load((ROOT / "recipes" / recipe).read_text())["train"].get("stage", "2"))
