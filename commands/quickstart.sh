@@ -86,8 +86,10 @@ print((path.parent / q["reference"]).resolve(), q["text"], q["targets"][0], sep=
 PY
 )
 echo "reference: $REF"; echo "text:      $TEXT"; echo "target:    $TARGET"
-[ -s "$OUT/query.html" ] || $CIRKIT query "$REF" "$TEXT" --index "$OUT/index" -k 5 --html "$OUT/query.html"
-echo "contact sheet: $OUT/query.html"
+# The index as the default of every later `cirkit query IMAGE "TEXT"` in this shell: export CIRKIT_INDEX=...
+export CIRKIT_INDEX=$OUT/index
+[ -s "$OUT/query.html" ] || $CIRKIT query "$REF" "$TEXT" -k 5 --html "$OUT/query.html"
+echo "contact sheet: $OUT/query.html (next: export CIRKIT_INDEX=$OUT/index; cirkit query IMAGE \"make it red\")"
 
 step "10/10 evaluate on both synth splits: the trained model vs its stage-1 baselines"
 [ -f "$OUT/metrics-baselines.json" ] || $CIRKIT -q evaluate synth -d "$OUT/synth/benchmark" -m "$OUT/stage1" \

@@ -288,6 +288,6 @@ def test_the_missions_example_runs_as_written_with_CIRKIT_INDEX(gallery, monkeyp
 def test_no_index_anywhere_is_one_line_naming_both_ways(gallery, monkeypatch):
     monkeypatch.delenv("CIRKIT_INDEX", raising=False)
     res = invoke("query", gallery / "images" / "blue.png", "make it red")
-    assert res.exit_code == 1 and "--index INDEX" in res.stderr and "CIRKIT_INDEX" in res.stderr
+    assert res.exit_code == 2 and "--index INDEX" in res.stderr and "CIRKIT_INDEX" in res.stderr  # a usage error
     monkeypatch.setenv("CIRKIT_INDEX", "   ")  # blank: as if unset
     assert "CIRKIT_INDEX" in invoke("query", gallery / "images" / "blue.png", "make it red").stderr
