@@ -11,7 +11,7 @@ constants and ``CheckpointClient``; litgpt ``check_valid_checkpoint_dir``)::
                                  (mllm with complete weights): config.json, generation_config.json and
                                  the processor files are then the model's own, so
                                  AutoModelForImageTextToText.from_pretrained(folder) loads it without cirkit
-    adapter_config.json          mllm LoRA, peft's own files (load with plain peft)
+    adapter_config.json          mllm or reformulator LoRA, peft's own files (load with plain peft)
     adapter_model.safetensors
     adapter/                     the same two files in a merged folder (at the top they would make
                                  transformers load the folder as base model + adapter): adapter_folder()
