@@ -40,7 +40,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     assert shutil.which("cirkit", path=env["PATH"]), "the cirkit console script is not installed"
     out = tmp_path / "qs"
     cmd = ["bash", str(ROOT / "commands" / "quickstart.sh"), str(out)]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     table = first.stdout[first.stdout.index("synth recall (%)"):]
     for row in ("trained (stage 1+2+combiner)", "stage 1: image only", "stage 1: text only", "stage 1: image+text sum"):
@@ -62,7 +62,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     assert {"composed/test/R@10", "composed/compositional/R@10"} <= set(metrics)
 
     before = {p: p.stat().st_mtime_ns for p in (out / "model").rglob("*") if p.is_file()}
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "already done 12" in second.stderr + second.stdout
     for stage in ("reformulator", "stage1", "stage2", "model"):  # finished stages are skipped, not resumed
