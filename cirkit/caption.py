@@ -6,9 +6,14 @@ Stage 1 of the paper's data pipeline (section II-A): an MLLM captions unannotate
   a chat template (LLaVA-1.5 as in the paper, LLaVA-NeXT, Qwen2-VL, ...) is an instruction
   model and gets ``prompt`` inside that template; one without (BLIP, GIT,
   vision-encoder-decoder) is a plain captioner and ``prompt``, if given, is a text prefix.
-* Prompt: the paper's exact captioning prompt could not be retrieved here, so
-  :data:`DEFAULT_PROMPT` is our own wording asking for the attributes that composed
-  retrieval edits (objects, colours, shapes, sizes, materials, positions, background).
+* Prompt: ``--prompt`` is a preset name from :data:`PROMPT_PRESETS` or the instruction text.
+  ``cirkit`` (the default, :data:`DEFAULT_PROMPT`) is our own wording asking for the
+  attributes that composed retrieval edits (objects, colours, shapes, sizes, materials,
+  positions, background) in one short sentence. ``paper`` asks for the detailed description
+  of section II-A (LLaVA-1.5-13B; Fig. 3's captions run 40-80 words). The paper prints its
+  captioning prompt in the top part of Table I, which is an image in every copy we could
+  read, so :data:`PAPER_PROMPT` is a reconstruction, not the paper's text; the paper's
+  *reformulation* prompt is text and is copied verbatim (:mod:`cirkit.reformulate`).
 * Batched, left-padded generation under ``torch.inference_mode``; images are decoded in
   DataLoader workers with :func:`cirkit.io.open_image`; unreadable images are skipped and
   listed (``strict`` makes the first one fatal).
@@ -90,6 +95,16 @@ DEFAULT_PROMPT = (
     "Describe this image in one sentence of at most 25 words. Name the main objects and their "
     "colour, shape, size, material and position, and the background."
 )
+# Section II-A: "a sufficiently detailed text description" from LLaVA-1.5. Table I's caption
+# prompt is an image in our copy of the paper, so this wording is ours, NOT verbatim (see above).
+PAPER_PROMPT = "Describe the image in detail."
+# ``--prompt NAME``: the one place caption prompts are named (recipes say ``prompt: paper``).
+PROMPT_PRESETS: dict[str, str] = {"cirkit": DEFAULT_PROMPT, "paper": PAPER_PROMPT}
+
+
+def resolve_prompt(prompt: str | None) -> str | None:
+    """The instruction ``--prompt`` names: a preset's text, or the text given (None: the model's default)."""
+    return PROMPT_PRESETS.get(prompt, prompt) if prompt is not None else None
 
 
 @dataclass
@@ -105,7 +120,9 @@ class CaptionConfig:
         help="Import existing captions (JSONL with id/image/caption, CSV, or JSON) instead of running a model.")
     model: str = setting(DEFAULT_MODEL, short="-m", help="Hub id or folder of a captioning model.")
     prompt: str | None = setting(
-        None, help="Instruction for chat models (a text prefix for plain captioners like BLIP).")
+        None, show_default="cirkit for chat models",
+        help="Instruction for chat models: a preset (cirkit: one short sentence; paper: a detailed description, "
+             "section II-A) or the text itself. For plain captioners like BLIP, a text prefix.")
     max_new_tokens: int = setting(60, ge=1, help="Longest caption in tokens.")
     temperature: float = sampling_temperature_setting()
     top_p: float = top_p_setting()
@@ -212,7 +229,7 @@ class _Captioner:
     def __init__(self, config: CaptionConfig, device: str | None, out: Path):
         self.config, self.device, self.out = config, device, out
         self.cap: Any = None
-        self.prompt = config.prompt
+        self.prompt = resolve_prompt(config.prompt)
 
     def get(self) -> Any:
         if self.cap is None:
@@ -220,7 +237,10 @@ class _Captioner:
 
             c = self.config
             self.cap = load_captioner(c.model, c.device or self.device, c.precision, c.trust_remote_code)
-            self.prompt = (c.prompt or DEFAULT_PROMPT) if self.cap.chat else c.prompt
+            if not self.cap.chat and c.prompt in PROMPT_PRESETS:
+                raise CirkitError(f"--prompt {c.prompt}: a preset instruction for chat models, but {c.model} is a "
+                                  "plain captioner (its prompt is a text prefix); leave --prompt out or give the prefix")
+            self.prompt = (resolve_prompt(c.prompt) or DEFAULT_PROMPT) if self.cap.chat else c.prompt
             if not is_stdio(self.out):
                 _check_same_model(self.out, self.cap.model_id, self.prompt)  # now with the default prompt too
         return self.cap
@@ -302,7 +322,7 @@ def _caption(config: CaptionConfig, settings: Any, items: list[tuple[str, Any, s
     from cirkit.generation import caption_images
 
     if not is_stdio(out):  # standard output has nothing to resume
-        _check_same_model(out, config.model, config.prompt)  # before any model is loaded
+        _check_same_model(out, config.model, resolve_prompt(config.prompt))  # before any model is loaded
     done = shard.done
     out_dir = output_dir(out)
     mine, shown, group_of = [], {}, {k: g for k, _, g in items}

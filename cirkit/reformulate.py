@@ -5,8 +5,9 @@ Stage 2 of the paper's data pipeline (section II-A): from ``captions.jsonl`` to
 
 1. **Pairing** (deterministic given the captions file, ``seed`` and ``count``):
    ``random`` (any two images), ``same-group`` (images sharing ``--group-field``, or the
-   record's ``group``, or else the image's parent folder: like the paper's Fashion200k meta
-   classes) and ``similar`` (caption cosine similarity within ``[min_sim, max_sim]``, from a
+   record's ``group``, or else the image's parent folder; ``--group-depth N`` keeps the first
+   N folders of that path, so a nested tree pairs at a chosen level: the paper pairs
+   Fashion200k within its 5 meta classes, section IV-A, not within one product's photos) and ``similar`` (caption cosine similarity within ``[min_sim, max_sim]``, from a
    sentence embedding model; the paper notes pairs that are too dissimilar give poor
    instructions), and ``close`` (captions a few words apart: at most ``max_word_changes`` words
    replaced, or one phrase added or removed; seed 001 §V's fine-grained
@@ -31,10 +32,13 @@ time (its lock and its ``.rejected.jsonl``'s are held for the run), and what is 
 before any model is loaded: a re-run with nothing left to do loads none (``--pairing similar``
 keeps the pairs it drew in a hidden ``.<output>.pairs.json`` for that).
 
-Prompt: the paper's Table I text could not be retrieved here, so :data:`DEFAULT_PROMPT` is
-our own wording in its spirit (two captions in, one short edit instruction of at most 12
-words out), preceded by three worked examples as chat turns (:data:`DEFAULT_EXAMPLES`);
-``--prompt`` replaces both (placeholders ``{reference}`` and ``{target}``).
+Prompt: ``--prompt`` names a preset of :data:`PROMPT_PRESETS` or gives the text (placeholders
+``{reference}`` and ``{target}``; no system message or examples unless ``--system``). ``cirkit``
+(the default) is :data:`DEFAULT_PROMPT`, our own wording (two captions in, one edit instruction
+of at most 12 words out, starting with a verb) after a system message and three worked examples
+as chat turns (:data:`DEFAULT_EXAMPLES`): small models need them. ``paper`` is Table I's
+reformulation prompt verbatim (:data:`PAPER_PROMPT`), zero-shot as in section II-A: no system
+message, no examples.
 """
 
 from __future__ import annotations
@@ -95,6 +99,29 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
     ("a lamp on the left of a sofa", "a lamp on the right of a sofa", "move the lamp to the right"),
     ("a red car on a street", "a blue car on a street", "make the car blue"),
 )
+# Table I (bottom), verbatim; only its placeholders "{Caption A}" / "{ Caption B }" are spelled
+# {reference} / {target}. The paper uses it zero-shot (section II-A), so no system message or examples.
+PAPER_PROMPT = (
+    "You have two captions for two images, image A and image B, you are supposed to write a reformulation text "
+    "describing changing from image A to image B. caption A: {reference} caption B: {target} answer should be "
+    "concise and within 12 words, only contain normal words, do not use special characters. Difference:"
+)
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """A named prompt: the user message (with {reference}/{target}), its system message and worked examples."""
+
+    prompt: str
+    system: str | None = None
+    examples: tuple[tuple[str, str, str], ...] = ()
+
+
+# ``--prompt NAME``: the one place reformulation prompts are named (recipes say ``prompt: paper``).
+PROMPT_PRESETS: dict[str, PromptPreset] = {
+    "cirkit": PromptPreset(DEFAULT_PROMPT, DEFAULT_SYSTEM, DEFAULT_EXAMPLES),
+    "paper": PromptPreset(PAPER_PROMPT),
+}
 
 
 @dataclass
@@ -111,12 +138,17 @@ class ReformulateConfig:
     model: str | None = setting(None, short="-m", show_default="offline SmolLM2-135M-Instruct",
                                 help="Causal LM hub id or folder.")
     gguf_file: str | None = setting(None, help="A GGUF file (path, or name inside --model).")
-    prompt: str | None = setting(None, help="User prompt with {reference} and {target} placeholders.")
+    prompt: str | None = setting(None, show_default="cirkit",
+                                 help="A preset (cirkit: ours, with worked examples; paper: Table I's, zero-shot) "
+                                      "or the user prompt with {reference} and {target} placeholders.")
     system: str | None = setting(None, help="System message for the chat template.")
     pairing: str = setting("random", choices=PAIRINGS,
                            help="How captions are paired: random, same-group, similar, close (a few words apart).")
     group_field: str | None = setting(None, show_default="group, else the parent folder",
                                       help="same-group: caption field to group by.")
+    group_depth: int | None = setting(None, ge=1, show_default="the whole path",
+                                      help="same-group: group by the first N folders of the group path (the folder "
+                                           "below the image root that `cirkit caption FOLDER` records; 1 = top).")
     min_sim: float = setting(0.5, ge=-1, le=1, help="similar: lowest caption cosine.")
     max_sim: float = setting(0.95, ge=-1, le=1, help="similar: highest caption cosine.")
     embed_model: str | None = setting(None, show_default="offline all-MiniLM-L6-v2",
@@ -158,10 +190,14 @@ class ReformulateConfig:
             raise CirkitError("--count, --max-pairs-per-image, --batch-size and --max-words must be at least 1")
         if not -1.0 <= self.min_sim <= self.max_sim <= 1.0:
             raise CirkitError(f"--min-sim {self.min_sim} / --max-sim {self.max_sim}: need -1 <= min <= max <= 1")
-        if self.prompt is not None:
+        if self.group_depth is not None and self.pairing != "same-group":
+            raise CirkitError(f"--group-depth applies to --pairing same-group only (got --pairing {self.pairing}); "
+                              "leave --group-depth out, or remove group_depth from the recipe")
+        if self.prompt is not None and self.prompt not in PROMPT_PRESETS:
             for ph in ("{reference}", "{target}"):
                 if ph not in self.prompt:
-                    raise CirkitError(f"--prompt must contain the placeholders {{reference}} and {{target}} (missing {ph})")
+                    raise CirkitError(f"--prompt must be a preset ({', '.join(PROMPT_PRESETS)}) or contain the "
+                                      f"placeholders {{reference}} and {{target}} (missing {ph})")
 
 
 def rejected_path(output: Path) -> Path:
@@ -223,6 +259,40 @@ def _group_of(rec: Caption, group_field: str | None) -> str | None:
     if rec.group is not None:
         return rec.group
     return Path(rec.image).parent.as_posix()
+
+
+def group_keys(captions: list[Caption], group_field: str | None = None,
+               group_depth: int | None = None) -> list[str | None]:
+    """Each caption's ``same-group`` key (None: paired with nobody).
+
+    ``group_depth`` N keeps the first N folders of the group path. It counts from the image root,
+    so it needs a path that starts there: ``--group-field``'s value or the record's ``group`` (the
+    folder below the root that ``cirkit caption FOLDER`` writes), never the image path as written
+    in the captions file, which starts wherever that file lies. On Fashion200k
+    (``women/<meta class>/<category>/<product>/``) N=2 pairs within a meta class as the paper
+    did (section IV-A); the whole path pairs photos of one product.
+    """
+    if group_depth is None:
+        return [_group_of(c, group_field) for c in captions]
+    raw = [_group_of(c, group_field) if group_field else c.group for c in captions]
+    if all(g is None for g in raw):
+        where = f"a {group_field!r} field" if group_field else "a 'group' (the folder below the image root)"
+        raise CirkitError(f"--group-depth {group_depth}: none of the {len(captions)} captions has {where} to count "
+                          "folders in; caption the image folder with `cirkit caption FOLDER`, or give --group-field")
+    keys: list[str | None] = []
+    shallow: list[tuple[str, str | None]] = []
+    for c, g in zip(captions, raw, strict=True):
+        parts = [] if g is None else [part for part in g.split("/") if part not in ("", ".")]
+        keys.append("/".join(parts[:group_depth]) if len(parts) >= group_depth else None)
+        if keys[-1] is None:
+            shallow.append((c.id, g))
+    if len(shallow) == len(captions):
+        raise CirkitError(f"--group-depth {group_depth}: no caption's group is {group_depth} folders deep (e.g. "
+                          f"{shallow[0][0]!r} in group {shallow[0][1]!r}); give a smaller --group-depth")
+    if shallow:
+        log.warning("--group-depth %d: %d captions are not %d folders deep and are paired with nobody "
+                    "(e.g. %r in group %r)", group_depth, len(shallow), group_depth, *shallow[0])
+    return keys
 
 
 def _similar_candidates(vectors, min_sim: float, max_sim: float, rng: random.Random, cap: int = 256,
@@ -298,7 +368,7 @@ def _close_candidates(captions: list[str], max_changes: int, max_phrase: int = 1
 
 def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, max_pairs_per_image: int,
                  group_field: str | None = None, vectors=None, min_sim: float = 0.5,
-                 max_sim: float = 0.95, skip: set[tuple[str, str]] | frozenset = frozenset(),
+                 max_sim: float = 0.95, group_depth: int | None = None, skip: set[tuple[str, str]] | frozenset = frozenset(),
                  max_word_changes: int = 1) -> list[tuple[int, int]]:
     """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one.
 
@@ -311,7 +381,7 @@ def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, m
     candidates: list[list[int]] | None = None
     if pairing == "same-group":
         groups: dict[str, list[int]] = defaultdict(list)
-        keys = [_group_of(c, group_field) for c in captions]
+        keys = group_keys(captions, group_field, group_depth)
         for i, g in enumerate(keys):
             if g is not None:
                 groups[g].append(i)
@@ -475,17 +545,19 @@ class _Prompting:
     prompt: str
     system: str | None
     examples: list[tuple[str, str]]
+    shots: tuple[tuple[str, str, str], ...] = DEFAULT_EXAMPLES  # the examples as (caption A, caption B, answer)
 
     @classmethod
     def from_config(cls, config: ReformulateConfig) -> _Prompting:
         tuned = tuned_reformulator(config)
         if tuned is not None and config.prompt is None:  # the prompt it was tuned with, no worked examples
-            return cls(tuned["prompt"], config.system if config.system is not None else tuned["system"], [])
-        prompt = config.prompt or DEFAULT_PROMPT
-        system = config.system if config.system is not None else (DEFAULT_SYSTEM if config.prompt is None else None)
-        examples = [(prompt.format(reference=a, target=b), c) for a, b, c in DEFAULT_EXAMPLES] \
-            if config.prompt is None else []
-        return cls(prompt, system, examples)
+            return cls(tuned["prompt"], config.system if config.system is not None else tuned["system"], [], ())
+        preset = PROMPT_PRESETS.get(config.prompt or "cirkit")
+        if preset is None:  # the user's own text: no system message or examples unless --system
+            return cls(config.prompt, config.system, [], ())
+        system = config.system if config.system is not None else preset.system
+        examples = [(preset.prompt.format(reference=a, target=b), c) for a, b, c in preset.examples]
+        return cls(preset.prompt, system, examples, preset.examples)
 
 
 def tuned_reformulator(config: ReformulateConfig) -> dict[str, Any] | None:
@@ -512,12 +584,15 @@ def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -
         generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
                      **({"base_model": tuned.get("model_name", tuned["base_model"]), "adapter": "lora"} if tuned else {}),
                      "prompt": p.prompt, "system": p.system,
-                     "examples": [list(e) for e in DEFAULT_EXAMPLES] if p.examples else [],
+                     "examples": [list(e) for e in p.shots],
                      "settings": settings.to_dict()}
     else:
         generator = {"type": "template", "model": "template", "prompt": None}
-    generator.update(pairing=config.pairing, seed=config.seed,
-                     **({"max_word_changes": config.max_word_changes} if config.pairing == "close" else {}))
+    generator.update(pairing=config.pairing, seed=config.seed)
+    if config.pairing == "same-group":  # which groups the pairs come from (checked on resume)
+        generator.update(group_field=config.group_field, group_depth=config.group_depth)
+    if config.pairing == "close":
+        generator.update(max_word_changes=config.max_word_changes)
     return generator
 
 
@@ -564,7 +639,7 @@ def _check_same_generator(path: Path, lineno: int, obj: dict[str, Any], generato
     prev = obj.get("generator") or {}
     if not isinstance(prev, dict):
         raise RecordError(path, lineno, f"expected an object, got {prev!r:.60}", "generator")
-    for key in ("type", "model", "prompt", "pairing"):
+    for key in ("type", "model", "prompt", "pairing", "group_field", "group_depth"):
         if key in prev and prev.get(key) != generator.get(key):
             raise CirkitError(
                 f"{path}:{lineno}: written with {key} {prev.get(key)!r}, not {generator.get(key)!r}; "
@@ -587,7 +662,8 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
         log.info("%s: leaving out the %d caption pairs it was tuned on", config.model, len(skip))
     if config.pairing != "similar":
         return sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
-                            config.group_field, skip=skip, max_word_changes=config.max_word_changes)
+                            config.group_field, group_depth=config.group_depth, skip=skip,
+                            max_word_changes=config.max_word_changes)
     import hashlib
 
     from cirkit.io.atomic import atomic_write_json
@@ -613,7 +689,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
 
     vectors = TextEmbedder(embed_model, config.device, config.trust_remote_code).encode([c.caption for c in caps])
     pairs = sample_pairs(caps, "similar", config.count, config.seed, config.max_pairs_per_image,
-                         config.group_field, vectors, config.min_sim, config.max_sim, skip)
+                         config.group_field, vectors, config.min_sim, config.max_sim, skip=skip)
     if not is_stdio(out):  # records streamed to stdout leave no files behind
         atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
     return pairs
@@ -622,7 +698,8 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
 def _no_pairs(config: ReformulateConfig, captions_path: Path) -> CirkitError:
     return CirkitError(
         f"{captions_path}: no pairs could be drawn with --pairing {config.pairing}"
-        + (" (no two images share a group; set --group-field)" if config.pairing == "same-group" else "")
+        + (" (no two images share a group; set --group-field, or a smaller --group-depth)"
+           if config.pairing == "same-group" else "")
         + (f" (no caption pair has a similarity in [{config.min_sim}, {config.max_sim}])"
            if config.pairing == "similar" else "")
         + (f" (no two captions are within {config.max_word_changes} replaced words; raise --max-word-changes)"
@@ -732,7 +809,11 @@ def run(config: ReformulateConfig) -> StageResult:
 
 def _shared_pairs(config: ReformulateConfig, caps: list[Caption], out: Path, proc: Any) -> list[tuple[int, int]]:
     """The run's pairs, drawn by the main process first (``similar`` keeps them in its plan file,
-    which the other processes then read instead of embedding the captions again)."""
+    which the other processes then read instead of embedding the captions again). ``random`` and
+    ``same-group`` are cheap and deterministic: every process draws them, so a bad setting
+    (``--group-depth`` deeper than the tree) is the same one-line error on every rank."""
+    if config.pairing != "similar":
+        return _draw_pairs(config, caps, out)
     pairs = _draw_pairs(config, caps, out) if proc.is_main else None
     proc.wait()
     return pairs if pairs is not None else _draw_pairs(config, caps, out)

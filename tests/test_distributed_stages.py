@@ -261,3 +261,18 @@ def test_reformulate_kill_of_one_rank_then_rerun_is_exactly_once(reformulated, t
     assert s["counts"]["already_done"] >= 1
     assert _records(out) == want and _records(tmp_path / "k.rejected.jsonl") == want_rejected
     assert not list(tmp_path.glob("*.part-*"))
+
+
+def test_reformulate_bad_group_depth_is_one_line_on_every_rank(tmp_path):
+    """Pairing settings are checked where every process draws the pairs: no rank waits on a failed main."""
+    caps = tmp_path / "c.jsonl"
+    caps.write_text("".join(json.dumps({"id": f"i{k}", "image": f"{k}.png", "caption": f"a thing {k}",
+                                        "group": f"women/m{k % 2}/c/p{k}"}) + "\n" for k in range(8)))
+    cmd = ["reformulate", str(caps), "-o", str(tmp_path / "t.jsonl"), "-g", "template", "--pairing", "same-group",
+           "--group-depth", "5"]
+    proc = subprocess.run(_torchrun(cmd), capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 2 and all("--group-depth 5: no caption's group is 5 folders deep" in e for e in errors)
+    assert "[rank" not in proc.stderr  # no rank's traceback (a rank left waiting on the main one would have one)
+    assert not (tmp_path / "t.jsonl").exists()

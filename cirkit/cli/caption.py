@@ -30,6 +30,8 @@ def caption(config: CaptionConfig, json_out: bool) -> None:
 
       cirkit caption photos/ -c recipes/caption-qwen2-vl.yaml -o data/captions.jsonl --limit 100
 
+      cirkit caption photos/ -o data/captions.jsonl --prompt paper --max-new-tokens 160
+
       accelerate launch -m cirkit caption photos/ -o data/captions.jsonl
 
       cirkit caption --from data/synth/captions.jsonl -o work/captions.jsonl

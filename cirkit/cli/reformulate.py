@@ -30,6 +30,8 @@ def reformulate(config: ReformulateConfig, json_out: bool) -> None:
 
       cirkit reformulate data/captions.jsonl -o t.jsonl -m Qwen/Qwen2.5-1.5B-Instruct --pairing same-group
 
+      cirkit reformulate data/captions.jsonl -o t.jsonl --prompt paper --pairing same-group --group-depth 2
+
       cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf
 
       cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf --engine llama-cpp
