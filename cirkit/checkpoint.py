@@ -11,7 +11,7 @@ constants and ``CheckpointClient``; litgpt ``check_valid_checkpoint_dir``)::
                                  (mllm with complete weights): config.json, generation_config.json and
                                  the processor files are then the model's own, so
                                  AutoModelForImageTextToText.from_pretrained(folder) loads it without cirkit
-    adapter_config.json          mllm LoRA, peft's own files (load with plain peft)
+    adapter_config.json          mllm or reformulator LoRA, peft's own files (load with plain peft)
     adapter_model.safetensors
     adapter/                     the same two files in a merged folder (at the top they would make
                                  transformers load the folder as base model + adapter): adapter_folder()
@@ -66,7 +66,7 @@ STATE_RNG = "rng.safetensors"
 # Every name a checkpoint save writes; anything else in the folder is the user's and is kept.
 OWNED = frozenset({CONFIG, SETTINGS, WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_DIR, TRAIN_ARGS, METRICS,
                    STATE_DIR, "generation_config.json"})
-FAMILIES = ("vit", "mllm")  # backbone families that have checkpoint folders
+FAMILIES = ("vit", "mllm", "reformulator")  # backbone families that have checkpoint folders
 
 
 def _loads(text: str) -> Any:
@@ -129,6 +129,19 @@ SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
         "temperature": (False, _opt(_num), "a number or null"),
         "min_pixels": (False, *_INT),
         "max_pixels": (False, *_INT),
+    },
+    # A LoRA-tuned instruction writer (cirkit.train.reformulator), read by `cirkit reformulate -m`.
+    "reformulator": {
+        "base_model": (True, *_STR),
+        "gguf_file": (False, _opt(_STR[0]), "a string or null"),
+        "model_name": (False, *_STR),
+        "system": (True, *_STR),
+        "prompt": (True, lambda v: isinstance(v, str) and "{reference}" in v and "{target}" in v,
+                   "a string with {reference} and {target}"),
+        "lora": (False, _opt(lambda v: isinstance(v, dict)), "a mapping or null"),
+        "seed_pairs": (False, lambda v: isinstance(v, list) and all(
+            isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x) for x in v),
+            "a list of [caption A, caption B] pairs"),
     },
 }
 

@@ -15,6 +15,7 @@ Timings (open index, model load, embedding, search) are reported in the JSON sum
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ BATCH_CHUNK = 256  # queries embedded and written per step, so a killed batch ke
 HTML_LIMIT = 100  # queries shown in a batch's contact sheet (and kept in ``answers``)
 
 
+# The index a bare `cirkit query img.jpg "make it red"` searches (like simonw/llm's env defaults).
+INDEX_ENV = "CIRKIT_INDEX"
+
+
 @dataclass
 class QueryConfig:
     """Settings of ``cirkit query``."""
@@ -47,7 +52,8 @@ class QueryConfig:
                                  help="Reference image (omit for a text-only query).")
     text: str | None = setting(None, positional=True, metavar="TEXT", flag="--text", short="-t",
                                help='Modification text, e.g. "make it red".')
-    index: str | None = setting(None, location=True, aliases=("-i",), help="Index made by 'cirkit index'.")
+    index: str | None = setting(None, location=True, aliases=("-i",), show_default=f"${INDEX_ENV}",
+                                help="Index made by 'cirkit index'.")
     table: str = setting("images", help="Table name inside the index.")
     model: str | None = setting(None, short="-m", show_default="the index's model",
                                 help="Checkpoint folder or model name.")
@@ -135,7 +141,11 @@ def _resolved_path(a: str | Path) -> str:
 def _check(config: QueryConfig) -> None:
     """Refuse settings that cannot work, before loading anything."""
     if not config.index:
-        raise UsageError("no index given; pass --index INDEX (made by 'cirkit index')")
+        config.index = os.environ.get(INDEX_ENV, "").strip() or None
+        if config.index:
+            log.info("searching $%s = %s", INDEX_ENV, config.index)
+    if not config.index:
+        raise UsageError(f"no index given; pass --index INDEX (made by 'cirkit index') or set {INDEX_ENV}=INDEX")
     if config.batch is None and config.image is None and not (config.text or "").strip():
         raise UsageError("nothing to search for: give a reference IMAGE, a --text, both, or --batch queries.jsonl")
     if config.batch is not None and (config.image is not None or config.text):

@@ -9,7 +9,10 @@ Stage 2 of the paper's data pipeline (section II-A): from ``captions.jsonl`` to
    N folders of that path, so a nested tree pairs at a chosen level: the paper pairs
    Fashion200k within its 5 meta classes, section IV-A, not within one product's photos) and ``similar`` (caption cosine similarity within ``[min_sim, max_sim]``, from a
    sentence embedding model; the paper notes pairs that are too dissimilar give poor
-   instructions). Pairs are drawn round-robin over a shuffled image order, at most
+   instructions), and ``close`` (captions a few words apart: at most ``max_word_changes`` words
+   replaced, or one phrase added or removed; seed 001 §V's fine-grained
+   differences between images that share most of their content, found without any model).
+   Pairs are drawn round-robin over a shuffled image order, at most
    ``max_pairs_per_image`` per reference image; pairs with identical captions are never drawn.
 2. **Generation**: an instruction-tuned causal LM with its chat template (any transformers
    model by hub id or folder, or a GGUF file; offline default SmolLM2-135M-Instruct), batched
@@ -73,8 +76,9 @@ from cirkit.summary import Rate, StageResult, make_progress, timed
 
 log = logging.getLogger("cirkit")
 
-PAIRINGS = ("random", "same-group", "similar")
+PAIRINGS = ("random", "same-group", "similar", "close")
 GENERATORS = ("llm", "template")
+ENGINES = ("hf", "llama-cpp")
 FILTERS = ("empty", "special_chars", "too_long", "copy", "duplicate")
 
 DEFAULT_SYSTEM = "You write short, precise image editing instructions."
@@ -138,7 +142,8 @@ class ReformulateConfig:
                                  help="A preset (cirkit: ours, with worked examples; paper: Table I's, zero-shot) "
                                       "or the user prompt with {reference} and {target} placeholders.")
     system: str | None = setting(None, help="System message for the chat template.")
-    pairing: str = setting("random", choices=PAIRINGS, help="How captions are paired: random, same-group, similar.")
+    pairing: str = setting("random", choices=PAIRINGS,
+                           help="How captions are paired: random, same-group, similar, close (a few words apart).")
     group_field: str | None = setting(None, show_default="group, else the parent folder",
                                       help="same-group: caption field to group by.")
     group_depth: int | None = setting(None, ge=1, show_default="the whole path",
@@ -148,6 +153,10 @@ class ReformulateConfig:
     max_sim: float = setting(0.95, ge=-1, le=1, help="similar: highest caption cosine.")
     embed_model: str | None = setting(None, show_default="offline all-MiniLM-L6-v2",
                                       help="similar: text embedding model.")
+    # seed 001 §V: CIR queries name fine-grained differences between images that share most of
+    # their content; a pair apart in many attributes gets an instruction naming one of them.
+    max_word_changes: int = setting(1, ge=1, help="close: most words replaced between the two captions "
+                                                  "(or else one phrase added or removed).")
     count: int = setting(1000, ge=1, short="-n", help="Pairs to draw.")
     seed: int = setting(0, ge=0, help="Pairing (and sampling) seed.")
     max_pairs_per_image: int = setting(2, ge=1, help="Most pairs with the same reference image.")
@@ -161,6 +170,11 @@ class ReformulateConfig:
     precision: str | None = precision_setting(aliases=("--dtype",))
     trust_remote_code: bool = trust_remote_code_setting()
     wait: bool = wait_setting()
+    # Same prompts, greedy decoding, stop token and filters on either engine; llama-cpp reads GGUF
+    # files only, on CPU, and needs the optional llama-cpp-python (its wheel builds from source).
+    engine: str = setting("hf", choices=ENGINES,
+                          help="hf (transformers; every model) or llama-cpp (GGUF files on CPU; "
+                               "pip install llama-cpp-python).")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -301,10 +315,66 @@ def _similar_candidates(vectors, min_sim: float, max_sim: float, rng: random.Ran
     return out
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def caption_units(text: str) -> list[str]:
+    """A caption's word bigrams (with start and end marks) as a multiset of units (``a b#k``: the k-th use).
+
+    Bigrams keep word order: the same words in other phrases ("a red star and a blue circle"
+    vs "a blue star and a red circle") are not close. One replaced word changes two bigrams.
+    """
+    words = ["<s>", *_WORD.findall(text.lower()), "</s>"]
+    seen: dict[str, int] = defaultdict(int)
+    units = []
+    for a, b in zip(words, words[1:], strict=False):
+        units.append(f"{a} {b}#{seen[a + ' ' + b]}")
+        seen[a + " " + b] += 1
+    return units
+
+
+def _close_candidates(captions: list[str], max_changes: int, max_phrase: int = 10, rng: random.Random | None = None,
+                      cap: int = 256, chunk: int = 1024) -> list[list[int]]:
+    """For each caption, the others a few words away: at most ``max_changes`` words replaced, or
+    else one phrase of up to ``max_phrase`` words (an object) added or removed, not both.
+
+    Bigram counts by multiset overlap, all pairs at once as a product of 0/1 unit matrices.
+    """
+    import torch
+
+    units = [caption_units(c) for c in captions]
+    vocab = {u: k for k, u in enumerate(sorted({u for us in units for u in us}))}
+    x = torch.zeros((len(units), max(1, len(vocab))))
+    for i, us in enumerate(units):
+        x[i, [vocab[u] for u in us]] = 1.0
+    lens = x.sum(1)
+    out: list[list[int]] = []
+    for start in range(0, len(units), chunk):
+        overlap = x[start : start + chunk] @ x.T
+        only_a = lens[start : start + chunk, None] - overlap   # words of A not in B
+        only_b = lens[None, :] - overlap                       # words of B not in A
+        # A replaced word changes 2 bigrams on each side. An added phrase of n words adds about
+        # n + 1 bigrams to one side and breaks at most 1 on the other (where it is spliced in).
+        replaced = (only_a <= 2 * max_changes) & (only_b <= 2 * max_changes)
+        phrase = (torch.minimum(only_a, only_b) <= 1) & (torch.maximum(only_a, only_b) <= max_phrase + 2)
+        near = (replaced | phrase) & ((only_a + only_b) > 0)
+        for r in range(near.shape[0]):
+            idx = torch.nonzero(near[r]).flatten().tolist()
+            if len(idx) > cap and rng is not None:
+                idx = sorted(rng.sample(idx, cap))
+            out.append(idx)
+    return out
+
+
 def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, max_pairs_per_image: int,
                  group_field: str | None = None, vectors=None, min_sim: float = 0.5,
-                 max_sim: float = 0.95, group_depth: int | None = None) -> list[tuple[int, int]]:
-    """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one."""
+                 max_sim: float = 0.95, group_depth: int | None = None, skip: set[tuple[str, str]] | frozenset = frozenset(),
+                 max_word_changes: int = 1) -> list[tuple[int, int]]:
+    """Deterministic ``(reference index, target index)`` pairs; a larger ``count`` extends a smaller one.
+
+    ``skip``: (caption A, caption B) pairs, :func:`normalize`-d, never drawn (a tuned
+    reformulator's seed pairs: it writes only for pairs it was not trained on).
+    """
     rng = random.Random(seed)
     n = len(captions)
     norm = [normalize(c.caption) for c in captions]
@@ -320,6 +390,8 @@ def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, m
         if vectors is None:
             raise ValueError("pairing 'similar' needs caption vectors")
         candidates = _similar_candidates(vectors, min_sim, max_sim, random.Random(seed + 1))
+    elif pairing == "close":
+        candidates = _close_candidates([c.caption for c in captions], max_word_changes, rng=random.Random(seed + 1))
 
     order = list(range(n))
     rng.shuffle(order)
@@ -334,11 +406,12 @@ def sample_pairs(captions: list[Caption], pairing: str, count: int, seed: int, m
             if candidates is None:  # random: rejection-sample, the full list would be n^2
                 for _try in range(32):
                     k = rng.randrange(n)
-                    if k != i and k not in used[i] and norm[k] != norm[i]:
+                    if k != i and k not in used[i] and norm[k] != norm[i] and (norm[i], norm[k]) not in skip:
                         j = k
                         break
             else:
-                free = [k for k in candidates[i] if k not in used[i] and norm[k] != norm[i]]
+                free = [k for k in candidates[i]
+                        if k not in used[i] and norm[k] != norm[i] and (norm[i], norm[k]) not in skip]
                 if free:
                     j = rng.choice(free)
             if j is not None:
@@ -476,6 +549,9 @@ class _Prompting:
 
     @classmethod
     def from_config(cls, config: ReformulateConfig) -> _Prompting:
+        tuned = tuned_reformulator(config)
+        if tuned is not None and config.prompt is None:  # the prompt it was tuned with, no worked examples
+            return cls(tuned["prompt"], config.system if config.system is not None else tuned["system"], [], ())
         preset = PROMPT_PRESETS.get(config.prompt or "cirkit")
         if preset is None:  # the user's own text: no system message or examples unless --system
             return cls(config.prompt, config.system, [], ())
@@ -484,13 +560,29 @@ class _Prompting:
         return cls(preset.prompt, system, examples, preset.examples)
 
 
+def tuned_reformulator(config: ReformulateConfig) -> dict[str, Any] | None:
+    """The ``config.json`` of ``--model`` when it is a fine-tuned reformulator (``cirkit train --backbone
+    reformulator``), else None; another cirkit checkpoint there is an error naming it."""
+    if config.generator != "llm" or not config.model or config.gguf_file:
+        return None
+    from cirkit.checkpoint import read_config
+
+    cfg = read_config(config.model)
+    if cfg is not None and cfg["backbone"] != "reformulator":
+        raise CirkitError(f"{config.model}: a {cfg['backbone']} retrieval checkpoint, not a reformulator; pass a "
+                          "causal LM or a folder from `cirkit train --backbone reformulator` as --model")
+    return cfg
+
+
 def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -> dict[str, Any]:
     """The ``generator`` field of every record: what made the instruction (checked on resume)."""
     if config.generator == "llm":
         from cirkit.generation import causal_lm_ref
 
         _, gguf_file, name = causal_lm_ref(config.model, config.gguf_file)  # names it, loads nothing
+        tuned = tuned_reformulator(config)
         generator = {"type": "llm", "model": name, **({"gguf_file": gguf_file} if gguf_file else {}),
+                     **({"base_model": tuned.get("model_name", tuned["base_model"]), "adapter": "lora"} if tuned else {}),
                      "prompt": p.prompt, "system": p.system,
                      "examples": [list(e) for e in p.shots],
                      "settings": settings.to_dict()}
@@ -499,6 +591,8 @@ def _generator_record(config: ReformulateConfig, settings: Any, p: _Prompting) -
     generator.update(pairing=config.pairing, seed=config.seed)
     if config.pairing == "same-group":  # which groups the pairs come from (checked on resume)
         generator.update(group_field=config.group_field, group_depth=config.group_depth)
+    if config.pairing == "close":
+        generator.update(max_word_changes=config.max_word_changes)
     return generator
 
 
@@ -562,9 +656,14 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
     """The run's pairs. ``similar`` needs a text embedding model; the pairs it drew are kept beside
     the output, keyed by everything they depend on, so a re-run (after a crash, or with nothing
     left to do) neither loads that model nor embeds the captions again."""
+    tuned = tuned_reformulator(config)
+    skip = {(a, b) for a, b in tuned.get("seed_pairs", [])} if tuned else set()
+    if skip:
+        log.info("%s: leaving out the %d caption pairs it was tuned on", config.model, len(skip))
     if config.pairing != "similar":
         return sample_pairs(caps, config.pairing, config.count, config.seed, config.max_pairs_per_image,
-                            config.group_field, group_depth=config.group_depth)
+                            config.group_field, group_depth=config.group_depth, skip=skip,
+                            max_word_changes=config.max_word_changes)
     import hashlib
 
     from cirkit.io.atomic import atomic_write_json
@@ -578,7 +677,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
     key = hashlib.sha256(json.dumps({
         "captions": [[c.id, c.caption] for c in caps], "embed_model": embed_model, "count": config.count,
         "seed": config.seed, "max_pairs_per_image": config.max_pairs_per_image, "min_sim": config.min_sim,
-        "max_sim": config.max_sim}, ensure_ascii=False).encode("utf-8")).hexdigest()
+        "max_sim": config.max_sim, **({"skip": sorted(skip)} if skip else {})}, ensure_ascii=False).encode("utf-8")).hexdigest()
     plan, index = plan_path(out), {c.id: n for n, c in enumerate(caps)}
     try:
         saved = read_json(plan) if plan.is_file() else None
@@ -590,7 +689,7 @@ def _draw_pairs(config: ReformulateConfig, caps: list[Caption], out: Path) -> li
 
     vectors = TextEmbedder(embed_model, config.device, config.trust_remote_code).encode([c.caption for c in caps])
     pairs = sample_pairs(caps, "similar", config.count, config.seed, config.max_pairs_per_image,
-                         config.group_field, vectors, config.min_sim, config.max_sim)
+                         config.group_field, vectors, config.min_sim, config.max_sim, skip=skip)
     if not is_stdio(out):  # records streamed to stdout leave no files behind
         atomic_write_json(plan, {"key": key, "pairs": [[caps[i].id, caps[j].id] for i, j in pairs]}, indent=None)
     return pairs
@@ -603,6 +702,8 @@ def _no_pairs(config: ReformulateConfig, captions_path: Path) -> CirkitError:
            if config.pairing == "same-group" else "")
         + (f" (no caption pair has a similarity in [{config.min_sim}, {config.max_sim}])"
            if config.pairing == "similar" else "")
+        + (f" (no two captions are within {config.max_word_changes} replaced words; raise --max-word-changes)"
+           if config.pairing == "close" else "")
     )
 
 
@@ -622,7 +723,14 @@ class _Instructions:
 
         if self.lm is None:
             c = self.config
-            self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code)
+            tuned = tuned_reformulator(c)
+            if tuned is not None:
+                from cirkit.train.reformulator import load_reformulator
+
+                self.lm = load_reformulator(c.model, tuned, c.device, c.precision, c.trust_remote_code, c.engine)
+            else:
+                self.lm = load_causal_lm(c.model, c.gguf_file, c.device, c.precision, c.trust_remote_code,
+                                         engine=c.engine)
             # system + examples: prefilled once, reused by every batch
             self.prefix = shared_prefix(self.lm.tokenizer, self.p.system, self.p.examples, self.p.prompt)
         prompts = [chat_prompt(self.lm.tokenizer, self.p.prompt.format(reference=caps[i].caption.strip(),

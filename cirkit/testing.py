@@ -248,6 +248,99 @@ def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- a tiny GGUF file
+
+
+TINY_GGUF_CHAT_TEMPLATE = (  # ChatML, as SmolLM2's GGUF carries it
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_gguf(path: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a random 2-layer Llama (4 heads, 2 kv heads) as a float32 GGUF file that transformers and llama.cpp load.
+
+    Its tokenizer is a byte-level BPE (GGUF ``gpt2`` model, GPT-2 pre-tokenizer) learned here
+    from cirkit's own prompt vocabulary, with ChatML control tokens and chat template, so the
+    two engines can be checked for the same prompt text, the same token ids and, with
+    float32 weights on both sides, the same greedy output.
+    """
+    import gguf
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from cirkit.generation import llama_cpp_row_order
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(_TINY_WORDS), "system user assistant\n" * 4]
+    bpe.train_from_iterator(corpus * 8, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    config = _tiny_llama_config(tok, hidden=hidden, layers=layers, tie_word_embeddings=True)
+    # grouped-query attention as in SmolLM2 (9 heads, 3 kv heads): q and k rows are reordered differently
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, hidden // 4
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+
+    vocab = bpe.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    import json
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("cirkit tiny llama")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_freq_base(float(config.rope_parameters["rope_theta"]) if getattr(config, "rope_parameters", None)
+                         else float(getattr(config, "rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_unk_token_id(vocab["<|endoftext|>"])
+    w.add_pad_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(TINY_GGUF_CHAT_TEMPLATE)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg in ("attn_q", "attn_k"):
+                t = llama_cpp_row_order(t, config.num_attention_heads if gg == "attn_q" else config.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def build_tiny_qwen2_vl(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     """Save a random Qwen2-VL (vision tower 2 blocks, patch 14, 2x2 merge; Qwen2 LLM) to ``folder``.
 

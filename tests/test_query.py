@@ -270,3 +270,24 @@ def test_bad_settings_are_one_line_and_touch_nothing(gallery, tmp_path, args, me
     assert res.exit_code == 1, res.output
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
     assert qf.read_bytes() == before and not (tmp_path / "same.out").exists()
+
+
+def test_the_missions_example_runs_as_written_with_CIRKIT_INDEX(gallery, monkeypatch):
+    """`cirkit query img.jpg "make it red"` with no --index and no --model: $CIRKIT_INDEX and the index's model."""
+    monkeypatch.setenv("CIRKIT_INDEX", str(gallery / "idx"))
+    res = invoke("query", gallery / "images" / "blue.png", "make it red", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["details"]["index"] == str(gallery / "idx")
+    assert out["details"]["hits"][0]["id"] == "red"
+    # --index still wins over the variable
+    monkeypatch.setenv("CIRKIT_INDEX", str(gallery / "no-such-index"))
+    assert invoke("query", gallery / "images" / "blue.png", "make it red", "--index", gallery / "idx").exit_code == 0
+
+
+def test_no_index_anywhere_is_one_line_naming_both_ways(gallery, monkeypatch):
+    monkeypatch.delenv("CIRKIT_INDEX", raising=False)
+    res = invoke("query", gallery / "images" / "blue.png", "make it red")
+    assert res.exit_code == 2 and "--index INDEX" in res.stderr and "CIRKIT_INDEX" in res.stderr  # a usage error
+    monkeypatch.setenv("CIRKIT_INDEX", "   ")  # blank: as if unset
+    assert "CIRKIT_INDEX" in invoke("query", gallery / "images" / "blue.png", "make it red").stderr

@@ -108,6 +108,8 @@ def _train(recipe, cfg):
     if cfg.backbone == "vit":
         assert cfg.max_steps > 0
         assert cfg.model in ("cirkit-tiny", "cirkit-small") or cfg.pretrained
+    elif cfg.backbone == "reformulator":  # triplets (caption A, caption B -> edit), LoRA only
+        assert str(cfg.stage) == "2" and not cfg.full_finetune and not cfg.init and cfg.epochs
     else:
         from cirkit.backbones.mllm import DEFAULT_TEMPLATES
 

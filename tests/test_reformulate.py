@@ -360,3 +360,50 @@ def test_an_output_under_a_file_is_one_line_and_makes_nothing(captions_file, tmp
         with pytest.raises(CirkitError, match=r"notes.txt is a file, not a folder; choose another output path"):
             run(ReformulateConfig(captions=captions_file, output=out, generator="template"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+def _close(texts: list[str], k: int = 1) -> set[tuple[int, int]]:
+    from cirkit.reformulate import _close_candidates
+
+    return {(i, j) for i, row in enumerate(_close_candidates(texts, k)) for j in row}
+
+
+def test_close_pairing_finds_captions_a_few_words_apart_and_nothing_else():
+    texts = [
+        "a small red star on the left, on a gray background",                  # 0
+        "a small blue star on the left, on a gray background",                 # 1: colour of 0
+        "a large red star on the left, on a gray background",                  # 2: size of 0
+        "a small red star on the left, on a navy background",                  # 3: background of 0
+        "a small red star on the left and a large blue circle at the top, on a gray background",  # 4: 0 + an object
+        "a large blue circle at the top and a small red star on the left, on a gray background",  # 5: 4 reordered
+        "a small red star on the left, on a gray background",                  # 6: the same caption as 0
+        "a large green hexagon in the bottom right, on a beige background",    # 7: far from all
+        "a small blue circle on the left and a large red star at the top, on a gray background",  # 8: 4's words, swapped
+        "a small red star on the left and a large blue circle at the top, on a navy background",  # 9: 0 + object + bg
+    ]
+    pairs = _close(texts)
+    both = lambda a, b: {(a, b), (b, a)} <= pairs  # noqa: E731
+    assert both(0, 1) and both(0, 2) and both(0, 3) and both(0, 4)  # one word replaced / one phrase added
+    assert (1, 3) not in pairs and (1, 2) not in pairs  # two words apart: beyond max_word_changes 1
+    assert {(1, 3), (1, 2), (2, 3)} <= _close(texts, 2)  # ... within 2
+    assert not any(7 in p for p in pairs)
+    assert (0, 6) not in pairs and (6, 0) not in pairs  # identical captions are no edit
+    assert (4, 8) not in pairs and (8, 4) not in pairs  # the same words in other phrases are not close
+    assert (0, 9) not in pairs and (9, 0) not in pairs and both(3, 9)  # a phrase and a word: two edits, not one
+    # the sampler draws only these, and never a pair with identical captions
+    from cirkit.reformulate import normalize
+
+    caps = [Caption(id=str(i), image=f"{i}.png", caption=t) for i, t in enumerate(texts)]
+    drawn = sample_pairs(caps, "close", 100, 0, 8)
+    assert (0, 1) in drawn and set(drawn) <= pairs - {(0, 6), (6, 0)}
+    # a tuned reformulator's seed pairs are left out, whichever image carries the caption
+    kept = sample_pairs(caps, "close", 100, 0, 8, skip={(normalize(texts[0]), normalize(texts[1]))})
+    assert kept and (0, 1) not in kept and (6, 1) not in kept and (1, 0) in kept
+
+
+def test_close_pairing_with_no_close_captions_is_one_line(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "image": f"{i}.png", "caption": t}) + "\n" for i, t in
+                            enumerate(["a red star", "two green circles near a large house", "an empty beach at noon"])))
+    with pytest.raises(CirkitError, match="raise --max-word-changes"):
+        run(ReformulateConfig(captions=path, output=tmp_path / "t.jsonl", generator="template", pairing="close"))

@@ -34,6 +34,8 @@ def reformulate(config: ReformulateConfig, json_out: bool) -> None:
 
       cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf
 
+      cirkit reformulate data/captions.jsonl -o t.jsonl --gguf-file models/llm.Q4_K_M.gguf --engine llama-cpp
+
       cirkit reformulate data/captions.jsonl -o t.jsonl -c recipes/reformulate-smollm2.yaml
     """
     from cirkit.reformulate import run

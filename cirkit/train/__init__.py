@@ -15,11 +15,13 @@ if TYPE_CHECKING:
     from cirkit.train.config import TrainConfig
     from cirkit.train.plugin import TrainPlugin
 
-TRAINABLE = ("vit", "mllm")
+TRAINABLE = ("vit", "mllm", "reformulator")
 
 
 def plugin_for(config: TrainConfig) -> TrainPlugin:
     """The plugin that trains ``config.backbone``."""
+    if config.lora_layers and config.backbone != "reformulator":
+        raise CirkitError(f"--lora-layers applies to --backbone reformulator only, not {config.backbone}; drop it")
     if config.backbone == "vit":
         from cirkit.train.vit import VitTrainPlugin
 
@@ -28,6 +30,10 @@ def plugin_for(config: TrainConfig) -> TrainPlugin:
         from cirkit.train.mllm import MllmTrainPlugin
 
         return MllmTrainPlugin(config)
+    if config.backbone == "reformulator":
+        from cirkit.train.reformulator import ReformulatorTrainPlugin
+
+        return ReformulatorTrainPlugin(config)
     raise CirkitError(f"cannot train backbone {config.backbone!r}; trainable backbones: {', '.join(TRAINABLE)}")
 
 

@@ -17,7 +17,7 @@ VIT = "ViT backbone"
 MLLM = "MLLM backbone"
 OPTIM = "Optimisation"
 STAGES = ("1", "2", "combiner")
-BACKBONES = ("vit", "mllm")
+BACKBONES = ("vit", "mllm", "reformulator")
 SCHEDULERS = ("cosine", "linear", "constant")
 COMBINERS = ("weight", "gate")  # cirkit.backbones.vit.COMBINERS (that module imports torch)
 # Test-only switch read by the loop: compare gradient/weight checksums across processes each step.
@@ -38,7 +38,8 @@ class TrainConfig:
                          help="1 (image-caption), 2 (triplets) or combiner (fusion weight only).")
     init: str | None = setting(None, resume=True, help="Checkpoint folder to start from, e.g. the stage-1 output.")
     model: str = setting("cirkit-small", short="-m", resume=True,
-                         help="open_clip name (vit) or hub id/path (mllm).")
+                         help="open_clip name (vit) or hub id/path (mllm, reformulator: default "
+                               "the offline SmolLM2-135M-Instruct).")
     pretrained: str | None = setting(None, resume=True, help="open_clip tag or .safetensors weights (vit).")
     resume: bool = setting(False, help="Continue OUTPUT's interrupted run exactly.")
     # optimisation
@@ -97,6 +98,9 @@ class TrainConfig:
     lora_target_modules: list[str] | None = setting(
         None, resume=True, panel=MLLM, show_default="the LLM's attention/MLP projections",
         help="Module names LoRA adapts (repeat or comma-separate).")
+    lora_layers: int | None = setting(
+        None, ge=1, resume=True, panel=MLLM, show_default="all",
+        help="reformulator: LoRA on the top N transformer layers only (backward stops below them: cheaper steps).")
     full_finetune: bool = setting(False, resume=True, panel=MLLM, help="Train all LLM weights instead of LoRA.")
     freeze_vision: bool = setting(True, resume=True, flag="--freeze-vision/--train-vision", panel=MLLM,
                                   help="Keep the vision tower and projector frozen.")

@@ -294,7 +294,7 @@ def test_weights_that_are_not_safetensors_are_one_line(ck, tmp_path):
     ({"predictor_hidden": 1.5}, "'predictor_hidden' must be an integer or null, not 1.5"),
     ({"weights": "../outside.safetensors"},
      "'weights' must be a file name inside the checkpoint folder, not '../outside.safetensors'"),
-    ({"backbone": "vvit"}, "'backbone' must be one of vit, mllm, not 'vvit'"),
+    ({"backbone": "vvit"}, "'backbone' must be one of vit, mllm, reformulator, not 'vvit'"),
 ])
 def test_config_with_a_missing_or_wrong_typed_key_is_one_line(ck, tmp_path, changes, problem):
     _edit_config(ck, **changes)

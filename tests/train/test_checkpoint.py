@@ -70,7 +70,7 @@ def test_folders_that_are_not_cirkit_checkpoints_read_as_none(tmp_path):
     (json.dumps({"cirkit": "0.1.0", "backbone": "mllm", "base_model": 7}).encode(), "'base_model' must be a string"),
     (json.dumps({"cirkit": "0.1.0", "backbone": "mllm"}).encode(), "missing 'base_model'"),
     (json.dumps({"cirkit": "0.1.0", "backbone": "clip"}).encode(), "'backbone' must be one of vit, mllm"),
-    (json.dumps({"cirkit": "0.1.0"}).encode(), "'backbone' must be one of vit, mllm, not None"),
+    (json.dumps({"cirkit": "0.1.0"}).encode(), "'backbone' must be one of vit, mllm, reformulator, not None"),
 ])
 def test_a_damaged_config_is_one_checkpoint_error_naming_the_file(tmp_path, content, problem):
     (tmp_path / "config.json").write_bytes(content)
