@@ -164,7 +164,7 @@ def test_help_text_carries_the_default_and_choices():
     assert help_text(fields["lr"]).endswith("(default 0.0001)")
     assert help_text(fields["learn_temperature"]).endswith("(default --learn-temperature)")
     assert help_text(fields["cross_attn_layers"]).endswith("(default all)")
-    assert "One of: vit, mllm." in help_text(fields["backbone"])
+    assert "One of: vit, mllm, reformulator." in help_text(fields["backbone"])
     assert "(default" not in help_text(fields["init"])  # None says nothing
 
 
