@@ -40,15 +40,15 @@ done
 train() {  # train DIR ARGS...: skip if the checkpoint exists
   local dir=$1; shift
   if [ -s "$dir.train.json" ] && [ -f "$dir/config.json" ]; then return; fi
-  rm -rf "$dir"
-  $CIRKIT -q train -c "$RECIPE" -o "$dir" --json "$@" > "$dir.train.json"
+  # no rm: an interrupted run resumes, and cirkit train refuses a folder it did not write
+  CIRKIT="$CIRKIT -q" train_resumable "$dir" -c "$RECIPE" --json "$@" > "$dir.train.json"
 }
 
 evaluate() {  # evaluate DIR CKPT MODES...: metrics.json + rankings (for the table's per-query bootstrap)
   local dir=$1 ckpt=$2; shift 2
   local modes=(); for m in "$@"; do modes+=(--mode "$m"); done
   [ -f "$dir/metrics.json" ] && return
-  rm -rf "$dir"; mkdir -p "$dir"
+  mkdir -p "$dir"  # evaluate replaces only its own metrics file and rankings folder
   $CIRKIT -q evaluate synth -d "$SYNTH/benchmark" -m "$ckpt" "${modes[@]}" -o "$dir/metrics.json.tmp" \
     --submission "$dir/rankings" ${EVAL_ARGS:-} > /dev/null
   mv "$dir/metrics.json.tmp" "$dir/metrics.json"
